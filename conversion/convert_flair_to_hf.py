@@ -1,0 +1,424 @@
+"""Convert an original FLAIR (open_clip) checkpoint into a transformers directory loadable with `from_pretrained`.
+
+    python conversion/convert_flair_to_hf.py SOURCE OUTPUT_DIR [--verify] [--push-to-hub REPO]
+
+SOURCE is a local `.pt` file (bare state dict, `{"state_dict": ...}` training checkpoint, `module.` prefixes, fp16
+or fp32) or a released checkpoint name (`flair-cc3m-recap`, `flair-cc12m-recap`, `flair-yfcc15m-recap`,
+`flair-merged30m`), downloaded from the `xiaorui638/flair` Hub repository. The output holds `model.safetensors`,
+`config.json`, the processor and tokenizer files and the remote-code files. It is written to a temporary directory
+and moved into place only when everything (including `--verify`) succeeded.
+"""
+
+import argparse
+import json
+import math
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from original_forward import original_forward  # noqa: E402
+
+from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTokenizer  # noqa: E402
+
+
+HUB_REPO = "xiaorui638/flair"
+RELEASED_CHECKPOINTS = ("flair-cc3m-recap", "flair-cc12m-recap", "flair-yfcc15m-recap", "flair-merged30m")
+# open_clip `model_cfg` of ViT-B-16-FLAIR, the architecture of every released checkpoint
+VIT_B_16_FLAIR = {
+    "embed_dim": 512,
+    "init_logit_bias": -10,
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
+}
+VERIFY_TOLERANCE = 1e-4
+VERIFY_CAPTIONS = (
+    "a photo of a dog",
+    "In the image, a small white puppy with black ears and eyes is the main subject",
+    "A red ladybug is surrounded by green glass beads",
+    "",
+)
+
+
+class ConversionError(Exception):
+    """A checkpoint that cannot be converted; the message names the file, key or shape."""
+
+
+def flair_config_from_open_clip(model_cfg: dict) -> FlairConfig:
+    """`FlairConfig` from an open_clip `model_cfg` (open_clip defaults: head width 64, MLP ratio 4, 8 text heads)."""
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    vision_width, text_width = vision["width"], text["width"]
+    return FlairConfig(
+        projection_dim=model_cfg["embed_dim"],
+        logit_bias_init_value=float(model_cfg.get("init_logit_bias", -10)),
+        text_config={
+            "vocab_size": text.get("vocab_size", 49408),
+            "hidden_size": text_width,
+            "intermediate_size": int(text_width * text.get("mlp_ratio", 4.0)),
+            "num_hidden_layers": text["layers"],
+            "num_attention_heads": text.get("heads", 8),
+            "max_position_embeddings": text.get("context_length", 77),
+            "projection_dim": model_cfg["embed_dim"],
+        },
+        vision_config={
+            "hidden_size": vision_width,
+            "intermediate_size": int(vision_width * vision.get("mlp_ratio", 4.0)),
+            "num_hidden_layers": vision["layers"],
+            "num_attention_heads": vision_width // vision.get("head_width", 64),
+            "image_size": vision["image_size"],
+            "patch_size": vision["patch_size"],
+            "projection_dim": model_cfg["embed_dim"],
+        },
+    )
+
+
+def _block_shapes(prefix: str, width: int, intermediate: int) -> dict:
+    return {
+        f"{prefix}.ln_1.weight": (width,),
+        f"{prefix}.ln_1.bias": (width,),
+        f"{prefix}.attn.in_proj_weight": (3 * width, width),
+        f"{prefix}.attn.in_proj_bias": (3 * width,),
+        f"{prefix}.attn.out_proj.weight": (width, width),
+        f"{prefix}.attn.out_proj.bias": (width,),
+        f"{prefix}.ln_2.weight": (width,),
+        f"{prefix}.ln_2.bias": (width,),
+        f"{prefix}.mlp.c_fc.weight": (intermediate, width),
+        f"{prefix}.mlp.c_fc.bias": (intermediate,),
+        f"{prefix}.mlp.c_proj.weight": (width, intermediate),
+        f"{prefix}.mlp.c_proj.bias": (width,),
+    }
+
+
+def original_shapes(config: FlairConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of the original FLAIR state dict with its shape, for `config`."""
+    text, vision, dim = config.text_config, config.vision_config, config.projection_dim
+    grid = vision.image_size // vision.patch_size
+    shapes = {
+        "positional_embedding": (text.max_position_embeddings, text.hidden_size),
+        "logit_scale": (),
+        "logit_bias": (),
+        "visual.class_embedding": (vision.hidden_size,),
+        "visual.positional_embedding": (grid * grid + 1, vision.hidden_size),
+        "visual.conv1.weight": (vision.hidden_size, vision.num_channels, vision.patch_size, vision.patch_size),
+        "visual.ln_pre.weight": (vision.hidden_size,),
+        "visual.ln_pre.bias": (vision.hidden_size,),
+    }
+    for i in range(vision.num_hidden_layers):
+        shapes.update(_block_shapes(f"visual.transformer.resblocks.{i}", vision.hidden_size, vision.intermediate_size))
+    shapes.update({"visual.ln_post.weight": (vision.hidden_size,), "visual.ln_post.bias": (vision.hidden_size,)})
+    shapes.update({"visual_proj.attn.in_proj_weight": (3 * dim, dim), "visual_proj.attn.in_proj_bias": (3 * dim,)})
+    shapes.update({"visual_proj.attn.out_proj.weight": (dim, dim), "visual_proj.attn.out_proj.bias": (dim,)})
+    for norm in ("ln_q", "ln_k", "ln_v"):
+        shapes.update({f"visual_proj.{norm}.weight": (dim,), f"visual_proj.{norm}.bias": (dim,)})
+    for i in range(text.num_hidden_layers):
+        shapes.update(_block_shapes(f"transformer.resblocks.{i}", text.hidden_size, text.intermediate_size))
+    shapes.update(
+        {
+            "token_embedding.weight": (text.vocab_size, text.hidden_size),
+            "ln_final.weight": (text.hidden_size,),
+            "ln_final.bias": (text.hidden_size,),
+            "image_post.proj": (vision.hidden_size, dim),
+            "text_post.proj": (text.hidden_size, dim),
+        }
+    )
+    return shapes
+
+
+def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an open_clip checkpoint safely (`weights_only=True`) and return its bare, prefix-free state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ConversionError(
+            f"{path}: refused by torch.load(weights_only=True); the file holds objects other than tensors and plain "
+            f"containers and is not loaded for safety ({str(error).splitlines()[0]})"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from error
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise ConversionError(f"{path}: expected a state dict or a {{'state_dict': ...}} checkpoint, got {type(checkpoint).__name__}")
+    tensors = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        tensors[key.removeprefix("module.")] = value
+    return tensors
+
+
+def check_state_dict(tensors: dict, config: FlairConfig, source: str) -> None:
+    """Raise `ConversionError` naming every missing, unexpected or mis-shaped key."""
+    expected = original_shapes(config)
+    missing = [key for key in expected if key not in tensors]
+    unexpected = [key for key in tensors if key not in expected]
+    misshaped = [
+        f"{key}: {tuple(tensors[key].shape)}, expected {expected[key]}"
+        for key in expected
+        if key in tensors and tuple(tensors[key].shape) != expected[key]
+    ]
+    problems = []
+    if missing:
+        hint = " (a plain CLIP checkpoint has no FLAIR pooling head)" if "visual_proj.attn.in_proj_weight" in missing else ""
+        problems.append(f"missing keys{hint}: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"wrong shapes: {'; '.join(misshaped)}")
+    if problems:
+        raise ConversionError(f"{source}: not a FLAIR checkpoint of the expected architecture: " + " | ".join(problems))
+    non_float = [key for key, value in tensors.items() if not value.is_floating_point()]
+    if non_float:
+        raise ConversionError(f"{source}: non-floating-point tensors: {', '.join(non_float)}")
+
+
+def _split_in_proj(tensors: dict, source: str, target: str) -> dict:
+    q, k, v = tensors[f"{source}.in_proj_weight"].chunk(3)
+    qb, kb, vb = tensors[f"{source}.in_proj_bias"].chunk(3)
+    return {
+        f"{target}.q_proj.weight": q, f"{target}.k_proj.weight": k, f"{target}.v_proj.weight": v,
+        f"{target}.q_proj.bias": qb, f"{target}.k_proj.bias": kb, f"{target}.v_proj.bias": vb,
+        f"{target}.out_proj.weight": tensors[f"{source}.out_proj.weight"],
+        f"{target}.out_proj.bias": tensors[f"{source}.out_proj.bias"],
+    }  # fmt: skip
+
+
+def _convert_blocks(tensors: dict, source: str, target: str, num_layers: int) -> dict:
+    converted = {}
+    for i in range(num_layers):
+        src, dst = f"{source}.resblocks.{i}", f"{target}.layers.{i}"
+        converted.update(_split_in_proj(tensors, f"{src}.attn", f"{dst}.self_attn"))
+        for original, name in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            converted[f"{dst}.{name}.weight"] = tensors[f"{src}.{original}.weight"]
+            converted[f"{dst}.{name}.bias"] = tensors[f"{src}.{original}.bias"]
+    return converted
+
+
+def _copy_pairs(tensors: dict, pairs: dict) -> dict:
+    return {target: tensors[source] for source, target in pairs.items()}
+
+
+def convert_state_dict(tensors: dict, config: FlairConfig) -> dict[str, torch.Tensor]:
+    """Map a checked original state dict onto `FlairModel` parameter names (float32, contiguous)."""
+    converted = _copy_pairs(
+        tensors,
+        {
+            "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+            "positional_embedding": "text_model.embeddings.position_embedding.weight",
+            "ln_final.weight": "text_model.final_layer_norm.weight",
+            "ln_final.bias": "text_model.final_layer_norm.bias",
+            "visual.class_embedding": "vision_model.embeddings.class_embedding",
+            "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+            "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+            "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+            "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+            "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+            "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+            "visual_proj.ln_q.weight": "text_conditioned_pooling.query_layer_norm.weight",
+            "visual_proj.ln_q.bias": "text_conditioned_pooling.query_layer_norm.bias",
+            "visual_proj.ln_k.weight": "text_conditioned_pooling.key_layer_norm.weight",
+            "visual_proj.ln_k.bias": "text_conditioned_pooling.key_layer_norm.bias",
+            "visual_proj.ln_v.weight": "text_conditioned_pooling.value_layer_norm.weight",
+            "visual_proj.ln_v.bias": "text_conditioned_pooling.value_layer_norm.bias",
+            "logit_scale": "logit_scale",
+            "logit_bias": "logit_bias",
+        },
+    )
+    converted["text_projection.weight"] = tensors["text_post.proj"].t()
+    converted["visual_projection.weight"] = tensors["image_post.proj"].t()
+    converted.update(_split_in_proj(tensors, "visual_proj.attn", "text_conditioned_pooling"))
+    converted.update(_convert_blocks(tensors, "transformer", "text_model.encoder", config.text_config.num_hidden_layers))
+    converted.update(
+        _convert_blocks(tensors, "visual.transformer", "vision_model.encoder", config.vision_config.num_hidden_layers)
+    )
+    return {key: value.float().contiguous() for key, value in converted.items()}
+
+
+def build_processor() -> FlairProcessor:
+    return FlairProcessor(image_processor=FlairImageProcessor(), tokenizer=FlairTokenizer.from_bpe_vocab())
+
+
+def verify(model: FlairModel, tensors: dict, processor: FlairProcessor, tolerance: float = VERIFY_TOLERANCE) -> dict:
+    """Compare the converted model with the independent original forward on built-in inputs; raise on a mismatch."""
+    generator = torch.Generator().manual_seed(0)
+    size = model.config.vision_config.image_size
+    pixel_values = torch.randn(2, 3, size, size, generator=generator)
+    input_ids = processor(text=list(VERIFY_CAPTIONS))["input_ids"]
+    config = model.config
+    expected = original_forward(
+        tensors, pixel_values, input_ids, config.vision_config.num_attention_heads,
+        config.text_config.num_attention_heads, config.pooling_num_attention_heads,
+    )  # fmt: skip
+    with torch.no_grad():
+        output = model(input_ids=input_ids, pixel_values=pixel_values)
+    differences = {
+        "logits_per_image": (output.logits_per_image - expected["logits_per_image"]).abs().max().item(),
+        "logits_per_image_as_clip": (output.logits_per_image_as_clip - expected["logits_as_clip_per_image"]).abs().max().item(),
+    }  # fmt: skip
+    failed = {name: value for name, value in differences.items() if not value <= tolerance}
+    if failed:
+        raise ConversionError(f"--verify failed: converted model differs from the original forward by {failed} (> {tolerance})")
+    return differences
+
+
+def resolve_source(source: str, cache_dir: str | None = None) -> Path:
+    """A local path as is; a released checkpoint name is downloaded from the Hub (clear error when offline)."""
+    if source in RELEASED_CHECKPOINTS:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(HUB_REPO, f"{source}.pt", cache_dir=cache_dir))
+        except Exception as error:  # noqa: BLE001 - any Hub failure gets the same actionable message
+            raise ConversionError(
+                f"could not download {source}.pt from the Hub repository {HUB_REPO} ({type(error).__name__}: {error}). "
+                f"Offline? Download the file elsewhere and pass its local path instead of the name."
+            ) from error
+    path = Path(source)
+    if not path.exists():
+        raise ConversionError(f"{source}: no such file, and not a released checkpoint name ({', '.join(RELEASED_CHECKPOINTS)})")
+    return path
+
+
+def model_card(repo_id: str, source: str, differences: dict | None) -> str:
+    parity = (
+        "\n".join(f"- `{name}`: max abs difference {value:.2e}" for name, value in differences.items())
+        if differences
+        else "- not verified at conversion time (run the converter with `--verify`)"
+    )
+    return f"""---
+library_name: transformers
+license: mit
+tags: [flair, clip, zero-shot-image-classification, image-text-retrieval]
+---
+
+# {repo_id}
+
+FLAIR (Fine-grained Language-informed Image Representations, CVPR 2025) converted from `{source}` with
+[flair-hf](https://github.com/ExplainableML/flair). FLAIR is a CLIP ViT-B/16 with a text-conditioned attention-pooling
+head that gives one image embedding per caption.
+
+## Usage
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+inputs = processor(text=["a photo of a dog", "a photo of a cat"], images=Image.open("dog.jpg"))
+with torch.no_grad():
+    out = model(**inputs)
+print(out.logits_per_image)          # FLAIR text-conditioned logits
+print(out.logits_per_image_as_clip)  # global CLIP-style logits
+```
+
+## Parity with the original implementation
+
+Logits of this model against an independent forward from the original tensors (float32, CPU):
+{parity}
+
+## Citation
+
+```bibtex
+@inproceedings{{xiao2025flair,
+  title={{FLAIR: VLM with Fine-grained Language-informed Image Representations}},
+  author={{Xiao, Rui and Kim, Sanghwan and Georgescu, Mariana-Iuliana and Akata, Zeynep and Alaniz, Stephan}},
+  booktitle={{CVPR}},
+  year={{2025}}
+}}
+```
+"""
+
+
+def push_to_hub(directory: Path, repo_id: str, source: str, differences: dict | None) -> None:
+    """Upload `directory` (with a generated model card) to `repo_id`; a clear error when the Hub is unreachable."""
+    from huggingface_hub import HfApi
+
+    (directory / "README.md").write_text(model_card(repo_id, source, differences))
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message=f"Convert {source} with flair-hf")
+    except Exception as error:  # noqa: BLE001
+        raise ConversionError(
+            f"push to the Hub repository {repo_id} failed ({type(error).__name__}: {error}); the converted model is "
+            f"kept in {directory}. Check your network and `hf auth login`, then upload that folder."
+        ) from error
+
+
+def convert(source: str, output_dir: str | os.PathLike, model_cfg: dict | None = None, run_verify: bool = False) -> dict:
+    """Convert `source` into `output_dir` atomically; return a report (timings, parity differences)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ConversionError(f"{output_dir}: output directory exists and is not empty")
+    start = time.perf_counter()
+    checkpoint = resolve_source(source)
+    config = flair_config_from_open_clip(model_cfg or VIT_B_16_FLAIR)
+    tensors = load_original_state_dict(checkpoint)
+    check_state_dict(tensors, config, str(checkpoint))
+    tensors["logit_scale"], tensors["logit_bias"] = tensors["logit_scale"].float(), tensors["logit_bias"].float()
+    model = FlairModel(config)
+    model.load_state_dict(convert_state_dict(tensors, config), strict=True)
+    model.eval()
+    processor = build_processor()
+    differences = verify(model, tensors, processor) if run_verify else None
+    del tensors
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if differences is not None:
+            (staging / "conversion_parity.json").write_text(json.dumps({"source": source, "max_abs_difference": differences}, indent=2))
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"source": str(checkpoint), "output_dir": str(output_dir), "seconds": time.perf_counter() - start, "max_abs_difference": differences}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a local .pt file or a released checkpoint name: " + ", ".join(RELEASED_CHECKPOINTS))
+    parser.add_argument("output_dir", help="directory to create (must not exist or be empty)")
+    parser.add_argument("--verify", action="store_true", help="compare logits with an independent original forward")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the result with a generated model card")
+    parser.add_argument(
+        "--open-clip-config", metavar="JSON", help="open_clip model config (a file with `model_cfg`) for non-ViT-B-16 models"
+    )
+    args = parser.parse_args(argv)
+    model_cfg = None
+    if args.open_clip_config:
+        loaded = json.loads(Path(args.open_clip_config).read_text())
+        model_cfg = loaded.get("model_cfg", loaded)
+    try:
+        report = convert(args.source, args.output_dir, model_cfg, run_verify=args.verify)
+        if args.push_to_hub:
+            push_to_hub(Path(args.output_dir), args.push_to_hub, args.source, report["max_abs_difference"])
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"converted {report['source']} -> {report['output_dir']} in {report['seconds']:.1f} s")
+    if report["max_abs_difference"] is not None:
+        print("verified against the original forward: " + ", ".join(f"{k} {v:.2e}" for k, v in report["max_abs_difference"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""FLAIR (Fine-grained Language-informed Image Representations) for Hugging Face transformers.
+
+Importing `flair_hf` registers the FLAIR classes with the transformers Auto classes, and marks them so that
+`save_pretrained` writes an `auto_map` and the source files for loading with `trust_remote_code=True`.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
+
+from .configuration_flair import FlairConfig, FlairTextConfig, FlairVisionConfig
+from .modeling_flair import FlairModel, FlairOutput, FlairPreTrainedModel
+from .processing_flair import FlairImageProcessor, FlairProcessor, FlairTokenizer, clean_caption
+
+__version__ = "0.1.0"
+
+AutoConfig.register(FlairConfig.model_type, FlairConfig, exist_ok=True)
+AutoModel.register(FlairConfig, FlairModel, exist_ok=True)
+AutoTokenizer.register(FlairConfig, FlairTokenizer, exist_ok=True)
+AutoImageProcessor.register(FlairConfig, FlairImageProcessor, exist_ok=True)
+AutoProcessor.register(FlairConfig, FlairProcessor, exist_ok=True)
+
+FlairConfig.register_for_auto_class()
+FlairModel.register_for_auto_class("AutoModel")
+FlairTokenizer.register_for_auto_class("AutoTokenizer")
+FlairImageProcessor.register_for_auto_class("AutoImageProcessor")
+FlairProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "FlairConfig",
+    "FlairTextConfig",
+    "FlairVisionConfig",
+    "FlairModel",
+    "FlairOutput",
+    "FlairPreTrainedModel",
+    "FlairImageProcessor",
+    "FlairProcessor",
+    "FlairTokenizer",
+    "clean_caption",
+]

@@ -1,0 +1,521 @@
+"""PyTorch FLAIR model: CLIP towers plus FLAIR's text-conditioned attention pooling over image patch tokens.
+
+Parameter names of everything FLAIR shares with CLIP follow `transformers.CLIPModel`, so a FLAIR checkpoint also
+loads into `CLIPModel` (for global, CLIP-style matching) with only `text_conditioned_pooling.*` and `logit_bias`
+left over. This file is self-contained: it does not import transformers' CLIP modules.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_flair import FlairConfig, FlairTextConfig, FlairVisionConfig
+
+
+@dataclass
+class FlairOutput(ModelOutput):
+    r"""
+    Output of [`FlairModel.forward`] for `B` images and `T` texts (`D` = projection dim, `L` = patch tokens).
+
+    logits_per_image (`(B, T)`): FLAIR logits, `exp(logit_scale) * cos(pool(text_j | image_i), text_j) + logit_bias`.
+    logits_per_text (`(T, B)`): the transpose of `logits_per_image`.
+    logits_per_image_as_clip (`(B, T)`): global CLIP-style logits, `exp(logit_scale) * cos(image_i, text_j)`, no bias.
+    logits_per_text_as_clip (`(T, B)`): the transpose of `logits_per_image_as_clip`.
+    text_embeds (`(T, D)`): normalised global text embeddings.
+    image_embeds (`(B, D)`): normalised global image embeddings.
+    text_conditioned_image_embeds (`(B, T, D)`): normalised output of the pooling head for every pair.
+    pooling_attentions (`(B, heads, T, L + 1)`, with `output_attentions=True`): attention weights of the pooling head.
+        Slots `0..L-1` are the patch tokens in row-major order; slot `L` is the zero-attention slot
+        (`add_zero_attn=True` in the original): a zero key and value that lets a query attend to "nothing".
+    text_model_output, vision_model_output: the towers' outputs (`last_hidden_state`, `pooler_output`).
+    """
+
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    logits_per_image_as_clip: torch.FloatTensor | None = None
+    logits_per_text_as_clip: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_conditioned_image_embeds: torch.FloatTensor | None = None
+    pooling_attentions: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self):
+        return tuple(
+            self[k].to_tuple() if k in ("text_model_output", "vision_model_output") else self[k] for k in self.keys()
+        )
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """Reference attention: `(batch, heads, q, d)` inputs, returns `(batch, q, heads, d)` and the weights."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _attention_interface(config, output_attentions: bool = False) -> Callable:
+    """The configured attention function; eager when attention weights are requested."""
+    if output_attentions or config._attn_implementation == "eager":
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+class FlairVisionEmbeddings(nn.Module):
+    def __init__(self, config: FlairVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.class_embedding = nn.Parameter(torch.randn(self.embed_dim))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, self.embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=False
+        )
+        self.num_patches = (self.image_size // self.patch_size) ** 2
+        self.num_positions = self.num_patches + 1
+        self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
+        self.register_buffer("position_ids", torch.arange(self.num_positions).expand((1, -1)), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        batch_size, _, height, width = pixel_values.shape
+        if height != self.image_size or width != self.image_size:
+            raise ValueError(f"Input image size ({height}*{width}) doesn't match model ({self.image_size}*{self.image_size}).")
+        patch_embeds = self.patch_embedding(pixel_values.to(dtype=self.patch_embedding.weight.dtype))
+        patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
+        class_embeds = self.class_embedding.expand(batch_size, 1, -1)
+        embeddings = torch.cat([class_embeds, patch_embeds], dim=1)
+        return embeddings + self.position_embedding(self.position_ids)
+
+
+class FlairTextEmbeddings(nn.Module):
+    def __init__(self, config: FlairTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
+        )
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        seq_length = input_ids.shape[-1]
+        max_positions = self.position_embedding.weight.shape[0]
+        if seq_length > max_positions:
+            raise ValueError(f"input_ids has {seq_length} positions; the model takes at most {max_positions}")
+        return self.token_embedding(input_ids) + self.position_embedding(self.position_ids[:, :seq_length])
+
+
+class FlairAttention(nn.Module):
+    """Multi-head self-attention of the towers (CLIP layout: separate q/k/v/out projections)."""
+
+    def __init__(self, config: FlairTextConfig | FlairVisionConfig, is_causal: bool = False):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_causal = is_causal
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        attn_output, _ = _attention_interface(self.config)(
+            self,
+            queries,
+            keys,
+            values,
+            attention_mask,
+            scaling=self.scale,
+            dropout=self.dropout if self.training else 0.0,
+            is_causal=self.is_causal and attention_mask is None,
+        )
+        return self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+
+class FlairMLP(nn.Module):
+    def __init__(self, config: FlairTextConfig | FlairVisionConfig):
+        super().__init__()
+        self.config = config
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class FlairEncoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: FlairTextConfig | FlairVisionConfig, is_causal: bool = False):
+        super().__init__()
+        self.self_attn = FlairAttention(config, is_causal=is_causal)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = FlairMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class FlairEncoder(nn.Module):
+    def __init__(self, config: FlairTextConfig | FlairVisionConfig, is_causal: bool = False):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([FlairEncoderLayer(config, is_causal) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask)
+        return hidden_states
+
+
+def _causal_attention_mask(config, attention_mask: torch.Tensor | None, hidden_states: torch.Tensor):
+    """The mask the text attention needs: `None` where the kernel's own causal flag suffices, else additive 4-D.
+
+    FLAIR (like CLIP) pools at the end-of-text token, which under the causal mask never sees padding, so
+    `attention_mask` only changes the (unused) states of padding positions.
+    """
+    implementation = config._attn_implementation
+    if implementation.startswith("flash_attention"):
+        return attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+    if attention_mask is None and implementation != "eager":
+        return None
+    batch_size, seq_length = hidden_states.shape[:2]
+    min_value = torch.finfo(hidden_states.dtype).min
+    allowed = torch.ones(seq_length, seq_length, dtype=torch.bool, device=hidden_states.device).tril()
+    allowed = allowed.expand(batch_size, 1, seq_length, seq_length)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+        allowed = allowed | torch.eye(seq_length, dtype=torch.bool, device=allowed.device)  # no empty rows
+    mask = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+    return mask.masked_fill(~allowed, min_value)
+
+
+class FlairPreTrainedModel(PreTrainedModel):
+    config: FlairConfig
+    config_class = FlairConfig
+    base_model_prefix = "flair"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FlairTextEmbeddings", "FlairEncoderLayer", "FlairVisionEmbeddings", "FlairTextConditionedPooling"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """CLIP's initialisation for the towers and projections; xavier for the pooling head's projections."""
+        factor = self.config.initializer_factor
+        if isinstance(module, FlairTextEmbeddings):
+            init.normal_(module.token_embedding.weight, std=factor * 0.02)
+            init.normal_(module.position_embedding.weight, std=factor * 0.01)
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        elif isinstance(module, FlairVisionEmbeddings):
+            init.normal_(module.class_embedding, std=module.embed_dim**-0.5 * factor)
+            init.normal_(module.patch_embedding.weight, std=module.config.initializer_range * factor)
+            init.normal_(module.position_embedding.weight, std=module.config.initializer_range * factor)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+        elif isinstance(module, FlairAttention):
+            in_std = (module.embed_dim**-0.5) * ((2 * module.config.num_hidden_layers) ** -0.5) * factor
+            for projection in (module.q_proj, module.k_proj, module.v_proj):
+                init.normal_(projection.weight, std=in_std)
+            init.normal_(module.out_proj.weight, std=module.embed_dim**-0.5 * factor)
+        elif isinstance(module, FlairMLP):
+            hidden, layers = module.config.hidden_size, module.config.num_hidden_layers
+            init.normal_(module.fc1.weight, std=(2 * hidden) ** -0.5 * factor)
+            init.normal_(module.fc2.weight, std=hidden**-0.5 * (2 * layers) ** -0.5 * factor)
+        elif isinstance(module, FlairTextConditionedPooling):
+            for projection in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                init.xavier_uniform_(projection.weight)
+        elif isinstance(module, FlairModel):
+            init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
+            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            init.constant_(module.logit_bias, self.config.logit_bias_init_value)
+        if isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and module.bias is not None:
+            init.zeros_(module.bias)
+
+
+class FlairTextModel(FlairPreTrainedModel):
+    """Causal text transformer; `pooler_output` is the final-LayerNorm state at the end-of-text token (argmax id)."""
+
+    config: FlairTextConfig
+    config_class = FlairTextConfig
+    input_modalities = ("text",)
+    _input_embed_layer = "token_embedding"
+
+    def __init__(self, config: FlairTextConfig):
+        super().__init__(config)
+        self.embeddings = FlairTextEmbeddings(config)
+        self.encoder = FlairEncoder(config, is_causal=True)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.token_embedding
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+        hidden_states = self.embeddings(input_ids)
+        mask = _causal_attention_mask(self.config, attention_mask, hidden_states)
+        last_hidden_state = self.final_layer_norm(self.encoder(hidden_states, mask))
+        end_of_text = input_ids.to(device=last_hidden_state.device).argmax(dim=-1)
+        pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=end_of_text.device), end_of_text]
+        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
+
+
+class FlairVisionModel(FlairPreTrainedModel):
+    """ViT; unlike CLIP's, `last_hidden_state` has the post-LayerNorm applied to every token (as in FLAIR)."""
+
+    config: FlairVisionConfig
+    config_class = FlairVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _input_embed_layer = "patch_embedding"
+
+    def __init__(self, config: FlairVisionConfig):
+        super().__init__(config)
+        self.embeddings = FlairVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # CLIP's spelling
+        self.encoder = FlairEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
+        last_hidden_state = self.post_layernorm(self.encoder(hidden_states))
+        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=last_hidden_state[:, 0])
+
+
+class FlairTextConditionedPooling(nn.Module):
+    """
+    FLAIR's text-conditioned attention pooling: each text embedding queries an image's projected patch tokens.
+
+    Reproduces `nn.MultiheadAttention(dim, heads, add_zero_attn=True)` applied to `ln_q(text)`, `ln_k(tokens)`,
+    `ln_v(tokens)`: a zero key/value slot is appended after the projections, so a query can attend to nothing.
+    """
+
+    def __init__(self, config: FlairConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.projection_dim
+        self.num_heads = config.pooling_num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.is_causal = False
+        eps = config.text_config.layer_norm_eps
+        self.query_layer_norm = nn.LayerNorm(self.embed_dim, eps=eps)
+        self.key_layer_norm = nn.LayerNorm(self.embed_dim, eps=eps)
+        self.value_layer_norm = nn.LayerNorm(self.embed_dim, eps=eps)
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        """`(..., n, D)` -> `(..., heads, n, head_dim)`."""
+        return states.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
+
+    def project_queries(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """`(T, D)` text embeddings -> `(heads, T, head_dim)` queries; independent of the image, computed once."""
+        return self._heads(self.q_proj(self.query_layer_norm(text_embeds)))
+
+    def project_keys_values(self, image_token_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, L, D)` projected patch tokens -> keys and values `(B, heads, L + 1, head_dim)`, zero slot last."""
+        keys = self.k_proj(self.key_layer_norm(image_token_embeds))
+        values = self.v_proj(self.value_layer_norm(image_token_embeds))
+        zero = keys.new_zeros(keys.shape[0], 1, keys.shape[-1])
+        return self._heads(torch.cat([keys, zero], dim=1)), self._heads(torch.cat([values, zero], dim=1))
+
+    def attend(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queries `(heads, T, hd)` against keys/values `(B, heads, L+1, hd)` -> `(B, T, D)` and optional weights."""
+        queries = queries.unsqueeze(0).expand(keys.shape[0], -1, -1, -1)
+        attn_output, attn_weights = _attention_interface(self.config, output_attentions)(
+            self, queries, keys, values, None, scaling=self.scale, dropout=0.0, is_causal=False
+        )
+        return self.out_proj(attn_output.flatten(-2)), attn_weights
+
+    def forward(
+        self, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pool `(B, L, D)` tokens with every one of `(T, D)` texts: `(B, T, D)`, weights `(B, heads, T, L + 1)`."""
+        keys, values = self.project_keys_values(image_token_embeds)
+        return self.attend(self.project_queries(text_embeds), keys, values, output_attentions)
+
+
+class FlairModel(FlairPreTrainedModel):
+    r"""
+    FLAIR: a CLIP ViT and text transformer whose projected patch tokens are pooled by a text-conditioned attention
+    head, giving one image embedding per caption. Embedding methods take `input_ids` / `pixel_values` as produced by
+    [`FlairProcessor`].
+    """
+
+    main_input_name = "input_ids"
+    _input_embed_layer = "token_embedding"
+
+    def __init__(self, config: FlairConfig):
+        super().__init__(config)
+        self.projection_dim = config.projection_dim
+        self.text_embed_dim = config.text_config.hidden_size
+        self.vision_embed_dim = config.vision_config.hidden_size
+        self.text_model = FlairTextModel._from_config(config.text_config)
+        self.vision_model = FlairVisionModel._from_config(config.vision_config)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
+        self.text_conditioned_pooling = FlairTextConditionedPooling(config)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.logit_bias = nn.Parameter(torch.tensor(config.logit_bias_init_value))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Global text embeddings `(T, D)`, not normalised: the end-of-text state projected by `text_projection`."""
+        return self.text_projection(self.text_model(input_ids, attention_mask).pooler_output)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """Global image embeddings `(B, D)`, not normalised: the class token projected by `visual_projection`."""
+        return self.visual_projection(self.vision_model(pixel_values).pooler_output)
+
+    def get_image_token_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """Projected patch tokens `(B, L, D)` (post-LayerNorm applied to each), the keys/values of the pooling head."""
+        return self.visual_projection(self.vision_model(pixel_values).last_hidden_state[:, 1:])
+
+    def get_text_conditioned_image_features(
+        self,
+        text_embeds: torch.Tensor | None = None,
+        image_token_embeds: torch.Tensor | None = None,
+        *,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_chunk_size: int = 64,
+        text_chunk_size: int = 1024,
+    ) -> torch.Tensor:
+        """
+        The pooling head for every (image, text) pair: `(B, T, D)`, not normalised.
+
+        Give either `text_embeds` `(T, D)` (from `get_text_features`) or `input_ids`, and either
+        `image_token_embeds` `(B, L, D)` (from `get_image_token_features`) or `pixel_values`. Pairs are computed in
+        chunks of `image_chunk_size` images x `text_chunk_size` texts, so memory is bounded for large `B x T`.
+        """
+        text_embeds = self._resolve(text_embeds, input_ids, "text_embeds", "input_ids", self.get_text_features, attention_mask)
+        image_token_embeds = self._resolve(
+            image_token_embeds, pixel_values, "image_token_embeds", "pixel_values", self.get_image_token_features
+        )
+        pooling = self.text_conditioned_pooling
+        queries = pooling.project_queries(text_embeds)
+        rows = []
+        for image_chunk in image_token_embeds.split(image_chunk_size):
+            keys, values = pooling.project_keys_values(image_chunk)
+            rows.append(torch.cat([pooling.attend(q, keys, values)[0] for q in queries.split(text_chunk_size, dim=1)], dim=1))
+        return torch.cat(rows, dim=0)
+
+    @staticmethod
+    def _resolve(features, inputs, features_name, inputs_name, encode, *encode_args):
+        if (features is None) == (inputs is None):
+            raise ValueError(f"Pass exactly one of `{features_name}` and `{inputs_name}`")
+        return features if features is not None else encode(inputs, *encode_args)
+
+    def _flair_logits(self, text_conditioned_image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        pooled = F.normalize(text_conditioned_image_embeds, dim=-1)
+        text = F.normalize(text_embeds, dim=-1)
+        return self.logit_scale.exp() * torch.einsum("btd,td->bt", pooled, text) + self.logit_bias
+
+    def get_logits(
+        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLAIR logits `(logits_per_image (B, T), logits_per_text (T, B))`, with `logit_bias`, as the original."""
+        text_embeds = self.get_text_features(input_ids, attention_mask)
+        pooled = self.get_text_conditioned_image_features(text_embeds, pixel_values=pixel_values)
+        logits_per_image = self._flair_logits(pooled, text_embeds)
+        return logits_per_image, logits_per_image.t()
+
+    def get_logits_as_clip(
+        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global-to-global CLIP logits `(per_image (B, T), per_text (T, B))`, no bias, as the original."""
+        image_embeds = F.normalize(self.get_image_features(pixel_values), dim=-1)
+        text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()
+        return logits_per_image, logits_per_image.t()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        return_dict: bool | None = None,
+    ) -> FlairOutput | tuple:
+        r"""
+        Score `B` images against `T` texts both ways. `input_ids` `(T, 77)`, `pixel_values` `(B, 3, 224, 224)`.
+        With `output_attentions=True` the pooling head's weights are returned as `pooling_attentions`.
+        """
+        text_outputs = self.text_model(input_ids, attention_mask)
+        vision_outputs = self.vision_model(pixel_values)
+        text_embeds = self.text_projection(text_outputs.pooler_output)
+        image_embeds = self.visual_projection(vision_outputs.pooler_output)
+        image_token_embeds = self.visual_projection(vision_outputs.last_hidden_state[:, 1:])
+        if output_attentions:
+            pooled, pooling_attentions = self.text_conditioned_pooling(text_embeds, image_token_embeds, True)
+        else:
+            pooled, pooling_attentions = self.get_text_conditioned_image_features(text_embeds, image_token_embeds), None
+
+        logits_per_image = self._flair_logits(pooled, text_embeds)
+        image_embeds, text_embeds = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
+        logits_per_image_as_clip = self.logit_scale.exp() * image_embeds @ text_embeds.t()
+        output = FlairOutput(
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            logits_per_image_as_clip=logits_per_image_as_clip,
+            logits_per_text_as_clip=logits_per_image_as_clip.t(),
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_conditioned_image_embeds=F.normalize(pooled, dim=-1),
+            pooling_attentions=pooling_attentions,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+
+
+__all__ = ["FlairModel", "FlairPreTrainedModel", "FlairTextModel", "FlairVisionModel", "FlairOutput"]

@@ -1,0 +1,254 @@
+"""Image processor, tokenizer and processor for FLAIR that reproduce the original preprocessing exactly."""
+
+import gzip
+import html
+import os
+
+import ftfy
+import numpy as np
+from tokenizers import Regex, pre_tokenizers
+from PIL import Image, UnidentifiedImageError
+from transformers import CLIPTokenizer
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import to_pil_image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import TensorType
+
+
+FLAIR_PAD_TOKEN_ID = 0  # open_clip pads with id 0, which is the vocabulary entry "!"
+# open_clip's `SimpleTokenizer` word pattern; its special tokens are named `<start_of_text>` / `<end_of_text>`,
+# so the CLIP-style spellings `<|startoftext|>` are ordinary text.
+OPEN_CLIP_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+class FlairImageProcessor(PilBackend):
+    r"""
+    The original FLAIR / open_clip evaluation transform, done with PIL in the same order:
+    resize the shortest side to `size["shortest_edge"]` (bicubic) in the image's own mode, center crop to
+    `crop_size` (zero padding if smaller), convert to RGB, scale to [0, 1] and normalise with the OpenAI mean/std.
+
+    Converting to RGB *after* resizing matters for RGBA, palette, grayscale, CMYK and 16-bit images: PIL resamples
+    them in their own mode, exactly as torchvision's `Resize` did in the original pipeline.
+
+    Accepts PIL images, NumPy arrays / torch tensors (uint8, HWC or CHW) and local file paths.
+    Returns `pixel_values` of shape `(batch, 3, crop_height, crop_width)`, float32.
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"shortest_edge": 224}
+    default_to_square = False
+    crop_size = {"height": 224, "width": 224}
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+
+    def fetch_images(self, images):
+        """Open local image paths (never the network); anything else is passed through."""
+        if isinstance(images, (list, tuple)):
+            return [self.fetch_images(image) for image in images]
+        if isinstance(images, (str, os.PathLike)):
+            return _open_image(images)
+        return images
+
+    def process_image(self, image, **kwargs) -> Image.Image:
+        """Keep PIL images in their own mode (they are converted to RGB after resizing)."""
+        if isinstance(image, Image.Image):
+            return image
+        if hasattr(image, "numpy"):
+            image = image.numpy()
+        if not isinstance(image, np.ndarray):
+            raise TypeError(f"FlairImageProcessor got a {type(image).__name__}; expected a PIL image, array or path")
+        return to_pil_image(image)
+
+    def _preprocess(
+        self,
+        images: list[Image.Image],
+        do_resize: bool,
+        size,
+        resample,
+        do_center_crop: bool,
+        crop_size,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean,
+        image_std,
+        return_tensors: str | TensorType | None,
+        do_convert_rgb: bool | None = None,
+        **kwargs,
+    ):
+        processed = []
+        for image in images:
+            if do_resize:
+                image = _resize_shortest_edge(image, size.shortest_edge, resample)
+            if do_center_crop:
+                image = _center_crop(image, crop_size.height, crop_size.width)
+            if do_convert_rgb:
+                image = image.convert("RGB")
+            array = np.asarray(image, dtype=np.float32)
+            if array.ndim == 2:
+                array = array[..., None]
+            if do_rescale:
+                array = array / np.float32(1.0 / rescale_factor)  # ToTensor divides by 255
+            if do_normalize:
+                array = (array - np.asarray(image_mean, dtype=np.float32)) / np.asarray(image_std, dtype=np.float32)
+            processed.append(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
+
+
+def _open_image(path) -> Image.Image:
+    """Open and fully decode a local image file, with an error that names the file."""
+    path = os.fspath(path)
+    if path.startswith(("http://", "https://")):
+        raise ValueError(f"FlairImageProcessor does not download images; download {path!r} and pass the file or image")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"Cannot read image file {path}: {error}") from error
+
+
+def _resize_shortest_edge(image: Image.Image, shortest_edge: int, resample) -> Image.Image:
+    """torchvision `Resize(shortest_edge)` on a PIL image: the long side is truncated, not rounded."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest_edge, int(shortest_edge * long / short)
+    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if new_size == image.size:
+        return image
+    return image.resize(new_size, resample=PILImageResampling(resample))
+
+
+def _center_crop(image: Image.Image, crop_height: int, crop_width: int) -> Image.Image:
+    """torchvision `CenterCrop` on a PIL image (zero padding when the image is smaller than the crop)."""
+    width, height = image.size
+    if width < crop_width or height < crop_height:
+        padded = Image.new(image.mode, (max(width, crop_width), max(height, crop_height)))
+        padded.paste(image, ((padded.width - width) // 2, (padded.height - height) // 2))
+        image, (width, height) = padded, padded.size
+    top = int(round((height - crop_height) / 2.0))
+    left = int(round((width - crop_width) / 2.0))
+    return image.crop((left, top, left + crop_width, top + crop_height))
+
+
+def clean_caption(text: str) -> str:
+    """open_clip's text cleaning: ftfy, HTML unescaping (twice), whitespace folding, lowercasing."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+class FlairTokenizer(CLIPTokenizer):
+    r"""
+    CLIP's byte-level BPE tokenizer made to agree with open_clip's `SimpleTokenizer`, which FLAIR was trained with,
+    at every position. Two things differ from the stock [`CLIPTokenizer`]:
+
+    - Text is cleaned as open_clip does (ftfy, which also straightens curly quotes, double HTML unescaping,
+      whitespace folding, lowercasing) before BPE; the Rust normaliser alone cannot do this.
+    - Sequences are padded with id 0 (the vocabulary entry `"!"`), like open_clip. `"!"` is *not* registered as a
+      special token: that would split it out of words such as `"wow!"`. The pad token is therefore fixed.
+
+    Use `padding="max_length", truncation=True, max_length=77` (the processor's defaults) for the original layout:
+    truncation keeps `<|endoftext|>` last.
+    """
+
+    def __init__(
+        self,
+        *args,
+        unk_token="<end_of_text>",
+        bos_token="<start_of_text>",
+        eos_token="<end_of_text>",
+        pad_token=None,
+        **kwargs,
+    ):
+        super().__init__(*args, unk_token=unk_token, bos_token=bos_token, eos_token=eos_token, pad_token=None, **kwargs)
+        self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(OPEN_CLIP_PATTERN), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+
+    @property
+    def pad_token(self) -> str:
+        return self.convert_ids_to_tokens(FLAIR_PAD_TOKEN_ID)
+
+    @property
+    def pad_token_id(self) -> int:
+        return FLAIR_PAD_TOKEN_ID
+
+    def _encode_plus(self, text, text_pair=None, is_split_into_words: bool = False, **kwargs):
+        if not is_split_into_words:
+            text = _map_texts(clean_caption, text)
+            text_pair = _map_texts(clean_caption, text_pair)
+        return super()._encode_plus(text, text_pair, is_split_into_words=is_split_into_words, **kwargs)
+
+    @classmethod
+    def from_bpe_vocab(cls, bpe_path: str | os.PathLike | None = None, **kwargs) -> "FlairTokenizer":
+        """Build the tokenizer from open_clip's `bpe_simple_vocab_16e6.txt.gz` (bundled with `flair_hf`)."""
+        vocab, merges = _read_bpe_vocab(bpe_path or os.path.join(os.path.dirname(__file__), "bpe_simple_vocab_16e6.txt.gz"))
+        kwargs.setdefault("model_max_length", 77)
+        return cls(vocab=vocab, merges=merges, **kwargs)
+
+
+def _map_texts(function, texts):
+    if texts is None:
+        return None
+    if isinstance(texts, str):
+        return function(texts)
+    return [function(text) for text in texts]
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2 / CLIP byte-to-character table, in the order that defines the first 256 vocabulary ids."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+def _read_bpe_vocab(bpe_path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges exactly as open_clip's `SimpleTokenizer` builds them (49,408 entries)."""
+    with gzip.open(bpe_path) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    characters = _bytes_to_unicode()
+    tokens = characters + [c + "</w>" for c in characters] + ["".join(m) for m in merges]
+    tokens += ["<start_of_text>", "<end_of_text>"]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+class FlairProcessor(ProcessorMixin):
+    r"""
+    Wraps a [`FlairImageProcessor`] and a [`FlairTokenizer`]. Text is padded to 77 tokens and truncated by default,
+    as in the original; `__call__(text=..., images=...)` returns `input_ids`, `attention_mask` and/or `pixel_values`.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer)
+
+    def __call__(self, text=None, images=None, return_tensors="pt", **kwargs):
+        if text is None and images is None:
+            raise ValueError("FlairProcessor needs `text`, `images` or both")
+        encoding = {}
+        if text is not None:
+            text_kwargs = {"padding": "max_length", "truncation": True, "max_length": 77, **kwargs}
+            encoding.update(self.tokenizer(text, return_tensors=return_tensors, **text_kwargs))
+        if images is not None:
+            encoding.update(self.image_processor(images, return_tensors=return_tensors))
+        return BatchFeature(data=encoding, tensor_type=return_tensors)
+
+
+__all__ = ["FlairImageProcessor", "FlairTokenizer", "FlairProcessor", "clean_caption"]
