@@ -1,0 +1,68 @@
+"""Shared fixtures: reference data (copied from the original FLAIR code's outputs) and converted checkpoints."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT / "conversion"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import convert_flair_to_hf as converter  # noqa: E402
+from manifest_weights import manifest_state_dict  # noqa: E402
+
+TINY_OPEN_CLIP_CONFIG = json.loads((FIXTURES / "tiny" / "open_clip_config.json").read_text())["model_cfg"]
+
+
+@pytest.fixture(scope="session")
+def reference_inputs():
+    inputs = json.loads((FIXTURES / "inputs.json").read_text())
+    return {"images": [FIXTURES / "images" / name for name in inputs["images"]], "captions": inputs["captions"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_reference():
+    return load_file(FIXTURES / "tiny" / "reference_outputs.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tmp_path_factory):
+    """Both original layouts of the tiny checkpoint, converted (with --verify)."""
+    directories = {}
+    for layout in ("flair-tiny-state-dict.pt", "flair-tiny-train-ckpt.pt"):
+        output = tmp_path_factory.mktemp("tiny") / "model"
+        converter.convert(str(FIXTURES / "tiny" / layout), output, TINY_OPEN_CLIP_CONFIG, run_verify=True)
+        directories[layout] = output
+    return directories
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_converted):
+    return tiny_converted["flair-tiny-state-dict.pt"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from flair_hf import FlairModel
+
+    return FlairModel.from_pretrained(tiny_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def full_size_checkpoint(tmp_path_factory):
+    """The manifest recipe's seed-1000 weights written as an original open_clip `.pt` (bare state dict)."""
+    path = tmp_path_factory.mktemp("full") / "vit-b-16-flair-seed1000.pt"
+    torch.save(manifest_state_dict(FIXTURES / "vit-b-16-flair-state-dict-manifest.json", seed=1000), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def full_size_dir(full_size_checkpoint, tmp_path_factory):
+    output = tmp_path_factory.mktemp("full-hf") / "model"
+    converter.convert(str(full_size_checkpoint), output)
+    return output
