@@ -136,6 +136,10 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as handle:
+        is_pickle = handle.read(1) == b"\x80"  # the legacy (non-zip) format starts with a pickle protocol byte
+    if not (zipfile.is_zipfile(path) or is_pickle):
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint (neither torch.save's zip nor legacy format)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -1,0 +1,185 @@
+"""The converter: bad inputs fail clearly and leave nothing behind; --verify; Hub download and upload paths."""
+
+import pickle
+
+import pytest
+import torch
+
+from conftest import FIXTURES, TINY_OPEN_CLIP_CONFIG, converter
+
+TINY_STATE_DICT = FIXTURES / "tiny" / "flair-tiny-state-dict.pt"
+
+
+@pytest.fixture(scope="module")
+def tiny_tensors():
+    return torch.load(TINY_STATE_DICT, weights_only=True)
+
+
+def convert_tiny(source, output, **kwargs):
+    return converter.convert(str(source), output, TINY_OPEN_CLIP_CONFIG, **kwargs)
+
+
+def expect_failure(source, tmp_path, match):
+    output = tmp_path / "out"
+    with pytest.raises(converter.ConversionError, match=match):
+        convert_tiny(source, output)
+    assert not output.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+class Opaque:
+    pass
+
+
+def test_bad_files(tmp_path):
+    data = TINY_STATE_DICT.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    expect_failure(tmp_path / "truncated.pt", tmp_path, "truncated.pt: not a readable PyTorch checkpoint")
+    (tmp_path / "random.pt").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    expect_failure(tmp_path / "random.pt", tmp_path, "random.pt: not a readable PyTorch checkpoint")
+    torch.save({"state_dict": {"x": Opaque()}}, tmp_path / "pickle.pt")
+    expect_failure(tmp_path / "pickle.pt", tmp_path, r"pickle.pt: refused by torch.load\(weights_only=True\)")
+    expect_failure(tmp_path / "missing.pt", tmp_path, "missing.pt: no such file")
+
+
+def test_state_dict_problems_name_the_key(tiny_tensors, tmp_path):
+    missing = dict(tiny_tensors)
+    del missing["visual.transformer.resblocks.1.mlp.c_fc.bias"]
+    torch.save(missing, tmp_path / "missing_key.pt")
+    expect_failure(tmp_path / "missing_key.pt", tmp_path, r"missing keys: visual\.transformer\.resblocks\.1\.mlp\.c_fc\.bias")
+
+    reshaped = dict(tiny_tensors)
+    reshaped["text_post.proj"] = reshaped["text_post.proj"][:, :16].contiguous()
+    torch.save(reshaped, tmp_path / "reshaped.pt")
+    expect_failure(tmp_path / "reshaped.pt", tmp_path, r"text_post\.proj: \(32, 16\), expected \(32, 32\)")
+
+    extra = {**tiny_tensors, "visual.proj": torch.zeros(64, 32)}
+    torch.save(extra, tmp_path / "extra.pt")
+    expect_failure(tmp_path / "extra.pt", tmp_path, r"unexpected keys: visual\.proj")
+
+
+def test_plain_clip_checkpoint_is_rejected(tiny_tensors, tmp_path):
+    clip = {k: v for k, v in tiny_tensors.items() if not k.startswith(("visual_proj.", "image_post.", "text_post.", "logit_bias"))}
+    clip["visual.proj"], clip["text_projection"] = tiny_tensors["image_post.proj"], tiny_tensors["text_post.proj"]
+    torch.save(clip, tmp_path / "clip.pt")
+    expect_failure(tmp_path / "clip.pt", tmp_path, "a plain CLIP checkpoint has no FLAIR pooling head")
+
+
+def test_module_prefix_fp16_checkpoint_converts_and_verifies(tiny_tensors, tmp_path):
+    half = {f"module.{k}": v.half() for k, v in tiny_tensors.items()}
+    torch.save({"epoch": 1, "state_dict": half}, tmp_path / "half.pt")
+    report = convert_tiny(tmp_path / "half.pt", tmp_path / "out", run_verify=True)
+    assert max(report["max_abs_difference"].values()) <= 1e-4
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(converter.ConversionError, match="exists and is not empty"):
+        convert_tiny(TINY_STATE_DICT, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+
+
+def test_verify_catches_a_wrong_mapping(monkeypatch, tmp_path):
+    original_split = converter._split_in_proj
+
+    def swapped_q_k(tensors, source, target):
+        converted = original_split(tensors, source, target)
+        converted[f"{target}.q_proj.weight"], converted[f"{target}.k_proj.weight"] = (
+            converted[f"{target}.k_proj.weight"], converted[f"{target}.q_proj.weight"],
+        )  # fmt: skip
+        return converted
+
+    monkeypatch.setattr(converter, "_split_in_proj", swapped_q_k)
+    with pytest.raises(converter.ConversionError, match="--verify failed"):
+        convert_tiny(TINY_STATE_DICT, tmp_path / "out", run_verify=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    args = [str(TINY_STATE_DICT), str(tmp_path / "cli"), "--verify", "--open-clip-config", str(FIXTURES / "tiny" / "open_clip_config.json")]
+    assert converter.main(args) == 0
+    assert "verified against the original forward" in capsys.readouterr().out
+    assert converter.main(args) == 1
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_released_name_offline_gives_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(converter.ConversionError, match="could not download flair-cc3m-recap.pt from .*xiaorui638/flair.*local path"):
+        converter.convert("flair-cc3m-recap", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_released_name_downloads_from_flair_repo(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        return str(TINY_STATE_DICT)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    converter.convert("flair-merged30m", tmp_path / "out", TINY_OPEN_CLIP_CONFIG)
+    assert calls == [("xiaorui638/flair", "flair-merged30m.pt")]
+
+
+def test_push_to_hub_uploads_folder_with_model_card(monkeypatch, tmp_path, tiny_dir):
+    import shutil
+
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    converter.push_to_hub(folder, "me/flair-tiny", "flair-tiny.pt", {"logits_per_image": 1e-6})
+    assert calls[0] == ("create_repo", "me/flair-tiny", True)
+    assert calls[1][0] == "upload_folder" and {"README.md", "model.safetensors", "modeling_flair.py"} <= set(calls[1][2])
+    card = (folder / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "1.00e-06" in card and "@inproceedings" in card
+
+
+def test_push_to_hub_offline_fails_clearly(monkeypatch, tmp_path, tiny_dir):
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    with pytest.raises(converter.ConversionError, match="push to the Hub repository me/flair-tiny failed.*kept in"):
+        converter.push_to_hub(folder, "me/flair-tiny", "flair-tiny.pt", None)
+
+
+def test_every_manifest_key_is_mapped():
+    import json
+
+    manifest = json.loads((FIXTURES / "vit-b-16-flair-state-dict-manifest.json").read_text())
+    config = converter.flair_config_from_open_clip(converter.VIT_B_16_FLAIR)
+    expected = converter.original_shapes(config)
+    assert [e["name"] for e in manifest["state_dict"]] == list(expected)
+    assert all(tuple(e["shape"]) == expected[e["name"]] for e in manifest["state_dict"])
+    tensors = {name: torch.zeros(shape) for name, shape in expected.items()}
+    converted = converter.convert_state_dict(tensors, config)
+    assert sum(v.numel() for v in converted.values()) == manifest["num_parameters"]
+    from flair_hf import FlairModel
+
+    with torch.device("meta"):
+        model = FlairModel(config)
+    assert set(converted) == set(model.state_dict())
+
+
