@@ -1,0 +1,112 @@
+"""FlairModel behaviour: attention implementations, chunking, CLIP compatibility, training features, dtypes."""
+
+import pytest
+import torch
+from transformers import AutoModel, CLIPModel
+
+from flair_hf import FlairModel
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_reference):
+    return tiny_reference["input_ids"].long(), tiny_reference["pixel_values"]
+
+
+def test_eager_and_sdpa_agree(tiny_dir, inputs):
+    ids, pixels = inputs
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        model = FlairModel.from_pretrained(tiny_dir, attn_implementation=implementation).eval()
+        assert model.text_model.config._attn_implementation == implementation
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=pixels)
+            outputs[implementation] = (out.logits_per_image, out.logits_per_image_as_clip, out.text_conditioned_image_embeds)
+    for eager, sdpa in zip(outputs["eager"], outputs["sdpa"]):
+        torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_pooling_equals_single_pass(tiny_model, inputs):
+    ids, pixels = inputs
+    with torch.no_grad():
+        text = tiny_model.get_text_features(ids)
+        tokens = tiny_model.get_image_token_features(pixels)
+        whole, _ = tiny_model.text_conditioned_pooling(text, tokens)
+        chunked = tiny_model.get_text_conditioned_image_features(text, tokens, image_chunk_size=4, text_chunk_size=3)
+    assert chunked.shape == (6, 7, 32)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="exactly one of `text_embeds` and `input_ids`"):
+        tiny_model.get_text_conditioned_image_features(text, tokens, input_ids=ids)
+    with pytest.raises(ValueError, match="exactly one of `image_token_embeds` and `pixel_values`"):
+        tiny_model.get_text_conditioned_image_features(text)
+
+
+def test_zero_attention_slot_and_shapes(tiny_model, inputs):
+    ids, pixels = inputs
+    with torch.no_grad():
+        out = tiny_model(input_ids=ids, pixel_values=pixels, output_attentions=True)
+    assert out.pooling_attentions.shape == (6, 8, 7, 197)
+    torch.testing.assert_close(out.pooling_attentions.sum(-1), torch.ones(6, 8, 7))
+    assert out.image_embeds.shape == (6, 32) and out.text_embeds.shape == (7, 32)
+    assert tiny_model.get_image_token_features(pixels).shape == (6, 196, 32)
+    as_tuple = tiny_model(input_ids=ids, pixel_values=pixels, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.logits_per_image)
+
+
+def test_loads_into_clip_model_with_only_flair_tensors_left(tiny_dir, tiny_model, inputs):
+    ids, pixels = inputs
+    clip, info = CLIPModel.from_pretrained(tiny_dir, output_loading_info=True)
+    clip.eval()
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    leftover = set(info["unexpected_keys"])
+    assert leftover == {k for k in tiny_model.state_dict() if k.startswith("text_conditioned_pooling.")} | {"logit_bias"}
+    with torch.no_grad():
+        clip_out = clip(input_ids=ids, pixel_values=pixels)
+        flair_out = tiny_model(input_ids=ids, pixel_values=pixels)
+    torch.testing.assert_close(clip_out.logits_per_image, flair_out.logits_per_image_as_clip, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny_dir, inputs):
+    ids, pixels = inputs
+    gradients = []
+    for checkpointing in (False, True):
+        model = FlairModel.from_pretrained(tiny_dir).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.vision_model.encoder.layers)
+        model(input_ids=ids, pixel_values=pixels).logits_per_image.sum().backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert len(gradients[0]) == len(list(model.parameters()))
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[0][name], gradients[1][name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loading(tiny_dir, inputs, dtype, tiny_model):
+    ids, pixels = inputs
+    model = AutoModel.from_pretrained(tiny_dir, dtype=dtype).eval()
+    assert isinstance(model, FlairModel) and model.logit_scale.dtype == dtype
+    with torch.no_grad():
+        low = model(input_ids=ids, pixel_values=pixels.to(dtype)).logits_per_image.float()
+        full = tiny_model(input_ids=ids, pixel_values=pixels).logits_per_image
+    assert (low - full).abs().max() < 0.5
+
+
+def test_no_split_modules_and_input_embeddings(tiny_model):
+    assert "FlairEncoderLayer" in tiny_model._no_split_modules
+    assert tiny_model.get_input_embeddings() is tiny_model.text_model.embeddings.token_embedding
+
+
+def test_random_init_from_config_is_finite():
+    from flair_hf import FlairConfig
+
+    config = FlairConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32},
+        projection_dim=16,
+    )  # fmt: skip
+    model = FlairModel(config).eval()
+    assert model.logit_bias.item() == -10.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ids = torch.tensor([[49406, 320, 1929, 49407] + [0] * 73])
+    out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 32, 32))
+    assert out.logits_per_image.shape == (2, 1)
