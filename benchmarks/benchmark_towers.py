@@ -1,0 +1,114 @@
+"""Image and text encoding throughput and peak memory: FlairModel vs transformers' CLIPModel of the same dimensions.
+
+    python benchmarks/benchmark_towers.py [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+        [--image-batch 16] [--text-batch 64] [--iterations 5] [--output benchmarks/results/towers.json]
+
+Both models get the ViT-B-16-FLAIR dimensions (exact GELU) and random weights; each is measured with the eager and
+the sdpa attention implementation. Prints a table and writes JSON with items/s, peak memory and the FLAIR/CLIP ratio.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from flair_hf import FlairConfig, FlairModel
+
+
+def build_models(implementation: str, device: str, dtype: torch.dtype) -> dict:
+    flair_config = FlairConfig()
+    clip_config = CLIPConfig(
+        text_config=flair_config.text_config.to_dict(),
+        vision_config=flair_config.vision_config.to_dict(),
+        projection_dim=flair_config.projection_dim,
+    )
+    models = {}
+    for name, cls, config in (("flair", FlairModel, flair_config), ("clip", CLIPModel, clip_config)):
+        config._attn_implementation = implementation
+        models[name] = cls(config).to(device=device, dtype=dtype).eval()
+    return models
+
+
+def peak_memory_mib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark on CPU
+
+
+def measure(function, batch: int, iterations: int, device: str) -> dict:
+    """items/s over `iterations` calls after one warm-up call."""
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        function()
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(iterations):
+            function()
+        synchronize()
+    seconds = time.perf_counter() - start
+    return {"items_per_s": batch * iterations / seconds, "peak_memory_mib": peak_memory_mib(device)}
+
+
+def run(args) -> dict:
+    dtype = getattr(torch, args.dtype)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(args.image_batch, 3, 224, 224, generator=generator).to(args.device, dtype)
+    ids = torch.randint(1, 49406, (args.text_batch, 77), generator=generator)
+    ids[:, 0], ids[:, 40], ids[:, 41:] = 49406, 49407, 0
+    ids = ids.to(args.device)
+    results = []
+    for implementation in ("eager", "sdpa"):
+        models = build_models(implementation, args.device, dtype)
+        for tower, batch in (("image", args.image_batch), ("text", args.text_batch)):
+            row = {"attn_implementation": implementation, "tower": tower, "batch": batch}
+            for name, model in models.items():
+                call = (lambda m=model: m.get_image_features(pixel_values=pixels)) if tower == "image" else (
+                    lambda m=model: m.get_text_features(input_ids=ids)
+                )
+                row[name] = measure(call, batch, args.iterations, args.device)
+            row["flair_over_clip"] = row["flair"]["items_per_s"] / row["clip"]["items_per_s"]
+            results.append(row)
+            print(
+                f"{implementation:6s} {tower:5s} batch {batch:4d}: FLAIR {row['flair']['items_per_s']:9.1f}/s "
+                f"CLIP {row['clip']['items_per_s']:9.1f}/s ratio {row['flair_over_clip']:.3f} "
+                f"peak MiB FLAIR {row['flair']['peak_memory_mib']:.0f} CLIP {row['clip']['peak_memory_mib']:.0f}"
+            )
+        del models
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    return {
+        "device": args.device,
+        "device_name": device_name,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "iterations": args.iterations,
+        "torch": torch.__version__,
+        "peak_memory_note": "CUDA: max allocated per measurement; CPU: process RSS high-water mark",
+        "results": results,
+        "min_ratio": min(r["flair_over_clip"] for r in results),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--image-batch", type=int, default=16)
+    parser.add_argument("--text-batch", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--output", default="benchmarks/results/towers.json")
+    args = parser.parse_args(argv)
+    report = run(args)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(f"min FLAIR/CLIP throughput ratio {report['min_ratio']:.3f}; wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Offline demo: convert the bundled tiny FLAIR checkpoint (random weights), load it with remote code, score images.
+
+    python conversion/offline_demo.py [--output-dir DIR]
+
+Needs nothing from the Hub. The weights are random, so the scores are meaningless; the point is the whole path:
+original `.pt` -> converter -> `AutoModel` / `AutoProcessor` with `trust_remote_code=True` -> FLAIR and CLIP logits.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_flair_to_hf import convert  # noqa: E402
+
+CAPTIONS = ["a photo of a dog", "a football player in a red shirt", "a red ladybug on green beads", "a white desk"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", help="where to write the converted model (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    from transformers import AutoModel, AutoProcessor
+
+    output_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="flair-demo-")) / "flair-tiny"
+    model_cfg = json.loads((FIXTURES / "tiny" / "open_clip_config.json").read_text())["model_cfg"]
+    report = convert(str(FIXTURES / "tiny" / "flair-tiny-train-ckpt.pt"), output_dir, model_cfg, run_verify=True)
+    print(f"converted the bundled tiny checkpoint to {output_dir} (verify: {report['max_abs_difference']})")
+
+    model = AutoModel.from_pretrained(output_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(output_dir, trust_remote_code=True)
+    images = sorted((FIXTURES / "images").glob("*.jpg"))
+    inputs = processor(text=CAPTIONS, images=[str(p) for p in images])
+    with torch.no_grad():
+        output = model(**inputs)
+    torch.set_printoptions(precision=3, sci_mode=False)
+    print(f"images: {[p.name for p in images]}\ncaptions: {CAPTIONS}")
+    print(f"FLAIR logits (text-conditioned, with logit_bias), images x captions:\n{output.logits_per_image}")
+    print(f"CLIP logits (global embeddings, no bias), images x captions:\n{output.logits_per_image_as_clip}")
+
+
+if __name__ == "__main__":
+    main()
