@@ -1,0 +1,27 @@
+"""The README's commands and example work as written (offline parts)."""
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_offline_demo_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "conversion/offline_demo.py", "--output-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", **__import__("os").environ},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FLAIR logits" in result.stdout and "CLIP logits" in result.stdout
+    assert (tmp_path / "flair-tiny" / "model.safetensors").is_file()
+
+
+def test_readme_python_example_runs_on_a_converted_model(tiny_dir, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    example = next(block for block in blocks if "puppy.jpg" in block)
+    example = example.replace('"flair-cc3m-recap-hf"', repr(str(tiny_dir)))
+    result = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FLAIR" in result.stdout and "CLIP" in result.stdout
