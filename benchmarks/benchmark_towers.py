@@ -11,6 +11,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -40,20 +41,25 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark on CPU
 
 
-def measure(function, batch: int, iterations: int, device: str) -> dict:
-    """items/s over `iterations` calls after one warm-up call."""
+def measure_pair(calls: dict, batch: int, iterations: int, device: str) -> dict:
+    """Median items/s of each call over `iterations` interleaved rounds (after a warm-up), and its peak memory."""
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    times = {name: [] for name in calls}
+    peaks = {}
     with torch.inference_mode():
-        function()
-        synchronize()
-        start = time.perf_counter()
+        for name, call in calls.items():
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            call()
+            synchronize()
+            peaks[name] = peak_memory_mib(device)
         for _ in range(iterations):
-            function()
-        synchronize()
-    seconds = time.perf_counter() - start
-    return {"items_per_s": batch * iterations / seconds, "peak_memory_mib": peak_memory_mib(device)}
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                synchronize()
+                times[name].append(time.perf_counter() - start)
+    return {name: {"items_per_s": batch / statistics.median(times[name]), "peak_memory_mib": peaks[name]} for name in calls}
 
 
 def run(args) -> dict:
@@ -67,12 +73,12 @@ def run(args) -> dict:
     for implementation in ("eager", "sdpa"):
         models = build_models(implementation, args.device, dtype)
         for tower, batch in (("image", args.image_batch), ("text", args.text_batch)):
+            if tower == "image":
+                calls = {name: (lambda m=model: m.get_image_features(pixel_values=pixels)) for name, model in models.items()}
+            else:
+                calls = {name: (lambda m=model: m.get_text_features(input_ids=ids)) for name, model in models.items()}
             row = {"attn_implementation": implementation, "tower": tower, "batch": batch}
-            for name, model in models.items():
-                call = (lambda m=model: m.get_image_features(pixel_values=pixels)) if tower == "image" else (
-                    lambda m=model: m.get_text_features(input_ids=ids)
-                )
-                row[name] = measure(call, batch, args.iterations, args.device)
+            row.update(measure_pair(calls, batch, args.iterations, args.device))
             row["flair_over_clip"] = row["flair"]["items_per_s"] / row["clip"]["items_per_s"]
             results.append(row)
             print(
@@ -88,6 +94,7 @@ def run(args) -> dict:
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "iterations": args.iterations,
+        "timing": "median of interleaved FLAIR/CLIP rounds after one warm-up call each",
         "torch": torch.__version__,
         "peak_memory_note": "CUDA: max allocated per measurement; CPU: process RSS high-water mark",
         "results": results,
