@@ -6,6 +6,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 
+def _check_multiple(name: str, value: int, divisor_name: str, divisor: int) -> None:
+    if value % divisor != 0:
+        raise ValueError(f"{name} ({value}) is not a multiple of {divisor_name} ({divisor})")
+
+
 @strict
 class FlairTextConfig(PreTrainedConfig):
     r"""
@@ -33,11 +38,7 @@ class FlairTextConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 49407
 
     def validate_architecture(self):
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"text hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
+        _check_multiple("text hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
 
 
 @strict
@@ -65,13 +66,8 @@ class FlairVisionConfig(PreTrainedConfig):
     initializer_factor: float = 1.0
 
     def validate_architecture(self):
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"vision hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
-        if self.image_size % self.patch_size != 0:
-            raise ValueError(f"image_size ({self.image_size}) is not a multiple of patch_size ({self.patch_size})")
+        _check_multiple("vision hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
+        _check_multiple("image_size", self.image_size, "patch_size", self.patch_size)
 
 
 @strict
@@ -101,11 +97,7 @@ class FlairConfig(PreTrainedConfig):
     initializer_factor: float = 1.0
 
     def validate_architecture(self):
-        if self.projection_dim % self.pooling_num_attention_heads != 0:
-            raise ValueError(
-                f"projection_dim ({self.projection_dim}) is not a multiple of pooling_num_attention_heads "
-                f"({self.pooling_num_attention_heads})"
-            )
+        _check_multiple("projection_dim", self.projection_dim, "pooling_num_attention_heads", self.pooling_num_attention_heads)
 
 
 __all__ = ["FlairConfig", "FlairTextConfig", "FlairVisionConfig"]
