@@ -365,8 +365,10 @@ class FlairTextConditionedPooling(nn.Module):
     def attend(
         self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Queries `(heads, T, hd)` against keys/values `(B, heads, L+1, hd)` -> `(B, T, D)` and optional weights."""
-        queries = queries.unsqueeze(0).expand(keys.shape[0], -1, -1, -1)
+        """Queries `(heads, T, hd)` (shared) or `(B, heads, T, hd)` (per image) against keys/values
+        `(B, heads, L+1, hd)` -> `(B, T, D)` and optional weights."""
+        if queries.dim() == 3:
+            queries = queries.unsqueeze(0).expand(keys.shape[0], -1, -1, -1)
         attn_output, attn_weights = _attention_interface(self.config, output_attentions)(
             self, queries, keys, values, None, scaling=self.scale, dropout=0.0, is_causal=False
         )
