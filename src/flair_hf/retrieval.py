@@ -1,0 +1,106 @@
+"""All-pairs image-text scoring for retrieval: FLAIR (text-conditioned), top-k re-scoring, and global CLIP-style.
+
+Scores are cosine similarities `(B images, T texts)`; `logit_scale` and `logit_bias` are monotonic and do not change
+rankings. `flair_scores` is the fast path: text queries are projected and normalised once, keys/values once per
+image, images are batched and attention runs through the model's attention implementation (SDPA by default) with
+the zero-attention slot, in chunks so peak memory depends on the chunk sizes, not on `B x T`.
+`straightforward_flair_scores` is the original's loop (one `nn.MultiheadAttention` call per image with all texts
+as queries), kept as the reference.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def global_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """CLIP-style cosine similarities `(B, T)` of global embeddings."""
+    return F.normalize(image_embeds.float(), dim=-1) @ F.normalize(text_embeds.float(), dim=-1).t()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def flair_scores(
+    pooling,
+    text_embeds: torch.Tensor,
+    image_token_embeds: torch.Tensor,
+    image_chunk_size: int = 16,
+    text_chunk_size: int = 2048,
+    autocast_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """FLAIR cosine similarities `(B, T)`: `cos(pool(text_j | image_i), text_j)` for every pair.
+
+    `pooling` is `FlairModel.text_conditioned_pooling`; `text_embeds` `(T, D)` and `image_token_embeds` `(B, L, D)`
+    may live on the CPU and are moved to `device` (default: the pooling head's) chunk by chunk. `autocast_dtype`
+    (e.g. `torch.bfloat16` on CUDA) runs the attention under autocast; scores are returned as float32 on the CPU.
+    """
+    device = torch.device(device) if device is not None else pooling.q_proj.weight.device
+    scores = torch.empty(image_token_embeds.shape[0], text_embeds.shape[0])
+    with _autocast(device, autocast_dtype):
+        text_embeds = text_embeds.to(device)
+        queries = pooling.project_queries(text_embeds)
+        texts = F.normalize(text_embeds.float(), dim=-1)
+        for start in range(0, image_token_embeds.shape[0], image_chunk_size):
+            keys, values = pooling.project_keys_values(image_token_embeds[start : start + image_chunk_size].to(device))
+            for t in range(0, texts.shape[0], text_chunk_size):
+                pooled, _ = pooling.attend(queries[:, t : t + text_chunk_size], keys, values)
+                block = torch.einsum("btd,td->bt", F.normalize(pooled.float(), dim=-1), texts[t : t + text_chunk_size])
+                scores[start : start + keys.shape[0], t : t + text_chunk_size] = block.cpu()
+    return scores
+
+
+def as_multihead_attention(pooling) -> nn.MultiheadAttention:
+    """The pooling head's projections as the original `nn.MultiheadAttention(..., add_zero_attn=True)`."""
+    attention = nn.MultiheadAttention(pooling.embed_dim, pooling.num_heads, batch_first=True, add_zero_attn=True)
+    attention.load_state_dict(
+        {
+            "in_proj_weight": torch.cat([pooling.q_proj.weight, pooling.k_proj.weight, pooling.v_proj.weight]),
+            "in_proj_bias": torch.cat([pooling.q_proj.bias, pooling.k_proj.bias, pooling.v_proj.bias]),
+            "out_proj.weight": pooling.out_proj.weight,
+            "out_proj.bias": pooling.out_proj.bias,
+        }
+    )
+    return attention.to(pooling.q_proj.weight.device).eval()
+
+
+@torch.no_grad()
+def straightforward_flair_scores(pooling, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor) -> torch.Tensor:
+    """Reference: per image, one `nn.MultiheadAttention` call with all texts as queries (as the original)."""
+    attention = as_multihead_attention(pooling)
+    texts = F.normalize(text_embeds, dim=-1)
+    queries = pooling.query_layer_norm(text_embeds)[None]
+    rows = []
+    for tokens in image_token_embeds:
+        keys, values = pooling.key_layer_norm(tokens)[None], pooling.value_layer_norm(tokens)[None]
+        pooled = attention(queries, keys, values)[0][0]
+        rows.append((F.normalize(pooled, dim=-1) * texts).sum(-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def topk_scores(
+    pooling,
+    text_embeds: torch.Tensor,
+    image_embeds: torch.Tensor,
+    image_token_embeds: torch.Tensor,
+    k: int,
+    **flair_kwargs,
+) -> torch.Tensor:
+    """Global similarity picks the `k` best texts per image; FLAIR re-scores only those, the rest get `-inf`."""
+    coarse = global_scores(image_embeds, text_embeds)
+    k = min(k, text_embeds.shape[0])
+    candidates = coarse.topk(k, dim=1).indices
+    scores = torch.full_like(coarse, float("-inf"))
+    for i, tokens in enumerate(image_token_embeds):
+        chosen = candidates[i]
+        scores[i, chosen] = flair_scores(pooling, text_embeds[chosen], tokens[None], **flair_kwargs)[0]
+    return scores
+
+
+__all__ = ["as_multihead_attention", "flair_scores", "global_scores", "straightforward_flair_scores", "topk_scores"]
