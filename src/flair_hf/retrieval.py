@@ -29,8 +29,8 @@ def flair_scores(
     pooling,
     text_embeds: torch.Tensor,
     image_token_embeds: torch.Tensor,
-    image_chunk_size: int = 16,
-    text_chunk_size: int = 2048,
+    image_chunk_size: int = 4,
+    text_chunk_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -49,8 +49,9 @@ def flair_scores(
         for start in range(0, image_token_embeds.shape[0], image_chunk_size):
             keys, values = pooling.project_keys_values(image_token_embeds[start : start + image_chunk_size].to(device))
             for t in range(0, texts.shape[0], text_chunk_size):
-                pooled, _ = pooling.attend(queries[:, t : t + text_chunk_size], keys, values)
-                block = torch.einsum("btd,td->bt", F.normalize(pooled.float(), dim=-1), texts[t : t + text_chunk_size])
+                pooled = pooling.attend(queries[:, t : t + text_chunk_size], keys, values)[0].float()
+                norms = torch.linalg.vector_norm(pooled, dim=-1).clamp_min(1e-12)
+                block = (pooled * texts[t : t + text_chunk_size]).sum(-1) / norms
                 scores[start : start + keys.shape[0], t : t + text_chunk_size] = block.cpu()
     return scores
 

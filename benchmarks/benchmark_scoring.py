@@ -1,0 +1,91 @@
+"""FLAIR all-pairs scoring speed and peak memory: the fast scorer vs the original's per-image loop.
+
+    python benchmarks/benchmark_scoring.py [--images 1000] [--texts 5000] [--threads N]
+        [--output benchmarks/results/scoring-cpu.json]
+
+Uses the full-size head dimensions (D=512, 8 heads, 196 patch tokens) with random weights and features. Each method
+runs in its own child process so its peak RSS is its own; the fast scores are checked against the straightforward
+ones (max abs difference, fp32). Prints the numbers and writes JSON.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flair_hf import FlairConfig
+from flair_hf.modeling_flair import FlairTextConditionedPooling
+from flair_hf.retrieval import flair_scores, straightforward_flair_scores
+
+
+def make_inputs(images: int, texts: int):
+    torch.manual_seed(0)
+    config = FlairConfig()
+    config._attn_implementation = "sdpa"
+    pooling = FlairTextConditionedPooling(config).eval()
+    for parameter in pooling.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    text = torch.randn(texts, config.projection_dim)
+    tokens = torch.randn(images, 196, config.projection_dim)
+    return pooling, text, tokens
+
+
+def run_method(method: str, images: int, texts: int, scores_path: str) -> dict:
+    pooling, text, tokens = make_inputs(images, texts)
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    if method == "fast":
+        scores = flair_scores(pooling, text, tokens)
+    else:
+        scores = straightforward_flair_scores(pooling, text, tokens)
+    seconds = time.perf_counter() - start
+    torch.save(scores, scores_path)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "peak_rss_mib": peak, "rss_before_scoring_mib": baseline_rss}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--texts", type=int, default=5000)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--output", default="benchmarks/results/scoring-cpu.json")
+    parser.add_argument("--child", choices=["fast", "straightforward"], help=argparse.SUPPRESS)
+    parser.add_argument("--scores", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(run_method(args.child, args.images, args.texts, args.scores)))
+        return
+    results, scores = {}, {}
+    for method in ("straightforward", "fast"):
+        scores_path = Path(args.output).with_suffix(f".{method}.pt.tmp")
+        command = [sys.executable, __file__, "--child", method, "--scores", str(scores_path)]
+        command += ["--images", str(args.images), "--texts", str(args.texts), "--threads", str(args.threads)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[method] = json.loads(out.strip().splitlines()[-1])
+        scores[method] = torch.load(scores_path, weights_only=True)
+        scores_path.unlink()
+        print(f"{method:16s} {results[method]['seconds']:8.1f} s  peak RSS {results[method]['peak_rss_mib']:.0f} MiB")
+    report = {
+        "images": args.images,
+        "texts": args.texts,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "head": {"dim": 512, "heads": 8, "tokens": 196},
+        "results": results,
+        "speedup": results["straightforward"]["seconds"] / results["fast"]["seconds"],
+        "max_abs_difference": (scores["fast"] - scores["straightforward"]).abs().max().item(),
+    }
+    print(f"speed-up {report['speedup']:.2f}x, max abs difference {report['max_abs_difference']:.2e}")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
