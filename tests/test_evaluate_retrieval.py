@@ -1,0 +1,81 @@
+"""End-to-end retrieval evaluation with the tiny model on tiny benchmark layouts."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark_layouts import build_data_root
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import evaluate_retrieval  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return build_data_root(tmp_path_factory.mktemp("eval-data"))
+
+
+def run(tiny_dir, data_root, tmp_path, *extra):
+    output = tmp_path / "results.json"
+    args = ["--model", str(tiny_dir), "--data-root", str(data_root), "--output", str(output), "--batch-size", "4"]
+    results = evaluate_retrieval.main(args + list(extra))
+    assert json.loads(output.read_text()) == json.loads(json.dumps(results))
+    return results
+
+
+def test_flair_mode_end_to_end_matches_direct_model_scores(tiny_dir, tiny_model, data_root, tmp_path, capsys):
+    results = run(tiny_dir, data_root, tmp_path, "--benchmark", "coco", "--benchmark", "iiw-long", "--mode", "flair")
+    assert [r["benchmark"] for r in results] == ["coco", "iiw-long"]
+    coco = results[0]
+    assert (coco["num_images"], coco["num_texts"]) == (3, 15)
+    assert coco["model_revision"].startswith("local-") and coco["timings"]["score_seconds"] >= 0
+    # independent: the model's own FLAIR logits over the same pairs, ranked by the metric
+    from flair_hf import FlairProcessor
+    from flair_hf.retrieval_data import load_benchmark
+
+    dataset = load_benchmark("coco", data_root)
+    captions, text_to_image = evaluate_retrieval.flatten_captions(dataset)
+    processor = FlairProcessor.from_pretrained(tiny_dir)
+    inputs = processor(text=captions, images=list(dataset["image"]))
+    with torch.no_grad():
+        logits = tiny_model.get_logits(inputs["input_ids"], inputs["pixel_values"])[1].numpy()
+    expected = evaluate_retrieval._load_metric_module().retrieval_metrics(logits, text_to_image)
+    for key, value in expected.items():
+        assert coco["metrics"][key] == pytest.approx(value), key
+    table = capsys.readouterr().out
+    assert "| coco | flair |" in table and "| iiw-long | flair |" in table
+
+
+def test_modes_share_cached_features(tiny_dir, data_root, tmp_path):
+    cache = tmp_path / "cache"
+    first = run(tiny_dir, data_root, tmp_path, "--benchmark", "flickr30k", "--mode", "global", "--cache-dir", str(cache))[0]
+    assert first["timings"]["cached_features"] is False and len(list(cache.glob("*.safetensors"))) == 1
+    topk = run(tiny_dir, data_root, tmp_path, "--benchmark", "flickr30k", "--mode", "topk", "--topk", "2", "--cache-dir", str(cache))[0]
+    flair = run(tiny_dir, data_root, tmp_path, "--benchmark", "flickr30k", "--mode", "flair", "--cache-dir", str(cache))[0]
+    assert topk["timings"]["cached_features"] is True and flair["timings"]["cached_features"] is True
+    assert topk["topk"] == 2 and first["metrics"]["num_texts"] == 15
+    # top-k with k >= number of images re-scores everything: identical to flair mode
+    full = run(tiny_dir, data_root, tmp_path, "--benchmark", "flickr30k", "--mode", "topk", "--topk", "15", "--cache-dir", str(cache))[0]
+    assert full["metrics"] == flair["metrics"]
+
+
+def test_compare_paper_prints_published_numbers(tiny_dir, data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate_retrieval, "paper_numbers", lambda model_id: evaluate_retrieval.PAPER_R1["flair-cc3m-recap"])
+    run(tiny_dir, data_root, tmp_path, "--benchmark", "coco", "--mode", "global", "--compare-paper")
+    assert "| coco (paper) | flair | 37.7 | | | 51.6 | | |" in capsys.readouterr().out
+
+
+def test_missing_data_root_is_a_usage_error(tiny_dir):
+    with pytest.raises(SystemExit):
+        evaluate_retrieval.main(["--model", str(tiny_dir), "--benchmark", "coco"])
+
+
+def test_flatten_captions_orders_by_caption_id():
+    dataset = {"captions": [["b", "d"], ["a", "c"]], "caption_ids": [[1, 3], [0, 2]]}
+    captions, owners = evaluate_retrieval.flatten_captions(dataset)
+    assert captions == ["a", "b", "c", "d"] and owners.tolist() == [1, 0, 1, 0]
+    assert isinstance(owners, np.ndarray)
