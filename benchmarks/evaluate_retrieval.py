@@ -160,7 +160,10 @@ def paper_numbers(model_id: str) -> dict | None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    layouts = "original layouts under --data-root:\n" + "\n".join(f"  {name}: {layout}" for name, layout in LAYOUTS.items())
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=layouts, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="converted FLAIR directory or Hub id")
     parser.add_argument("--benchmark", action="append", choices=sorted(LAYOUTS), help="repeat for several")
     parser.add_argument("--data-root", help="root holding the benchmarks' original layouts")

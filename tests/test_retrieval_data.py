@@ -88,8 +88,12 @@ def test_missing_annotation_file_names_the_expected_layout(tmp_path):
 
 
 def test_hub_loader_offline_names_the_local_alternative(monkeypatch):
+    import datasets
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(BenchmarkDataError, match="Offline\\? Use the local original layout instead: --data-root"):
         load_hub_benchmark("nlphuji/flickr30k-does-not-exist-locally")
 
