@@ -4,8 +4,8 @@
         --data-root PATH --mode flair|topk|global [--topk 128] [--batch-size 64] [--device cpu|cuda]
         [--autocast bf16|fp16] [--cache-dir DIR] [--output results.json] [--compare-paper]
 
-Benchmarks (original layouts under --data-root; `flair_hf.retrieval_data.LAYOUTS`): coco, flickr30k,
-flickr30k-val, docci, iiw, iiw-long, dci-long, urban1k, sharegpt4v-1k, sharegpt4v-10k. `--hub-dataset ID`
+Benchmarks (original layouts under --data-root; `flair_hf.retrieval_data.LAYOUTS`): coco, flickr30k (val file),
+flickr30k-test, docci, iiw, iiw-long, dci-long, urban1k, sharegpt4v-1k, sharegpt4v-10k. `--hub-dataset ID`
 evaluates a Hub copy instead (online only; `--hub-split`, `--hub-image-column`, `--hub-caption-column`).
 
 Features (global text and image embeddings, projected patch tokens) are computed once per model and benchmark and,

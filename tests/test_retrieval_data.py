@@ -41,7 +41,7 @@ def test_coco_pairs_follow_the_annotation_file(data_root):
 
 def test_flickr_and_fine_grained_pairs(data_root):
     flickr = json.loads((SUBSETS / "flickr30k_val_subset.json").read_text())
-    dataset = load_benchmark("flickr30k-val", data_root)
+    dataset = load_benchmark("flickr30k", data_root)
     assert dataset["captions"] == [r["caption"] for r in flickr]
     assert dataset["caption_ids"][1] == [5, 6, 7, 8, 9]
     iiw = json.loads((SUBSETS / "iiw_test_annotations_subset.json").read_text())["annotations"]

@@ -45,3 +45,10 @@ def test_topk_rescoring_semantics(features):
     assert torch.equal(topk_scores(pooling, text, images, tokens, k=100), full) or (
         topk_scores(pooling, text, images, tokens, k=100) - full
     ).abs().max() <= 1e-4
+
+
+def test_autocast_path_runs_and_stays_close(features):
+    pooling, text, tokens, _ = features
+    full = flair_scores(pooling, text, tokens)
+    low = flair_scores(pooling, text, tokens, autocast_dtype=torch.bfloat16, device="cpu")
+    assert low.dtype == torch.float32 and (low - full).abs().max() < 0.05

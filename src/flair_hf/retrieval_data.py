@@ -21,8 +21,8 @@ from .captions import rejoin_sentences
 # where each benchmark's files live under the data root (also used in error messages)
 LAYOUTS = {
     "coco": "coco/annotations/captions_val2017.json, images coco/images/val2017/<file_name>",
-    "flickr30k": "flickr30k-images/flickr30k_test.json, images flickr30k-images/<id>.jpg",
-    "flickr30k-val": "flickr30k-images/flickr30k_val.json, images flickr30k-images/<id>.jpg",
+    "flickr30k": "flickr30k-images/flickr30k_val.json (the file the original ships), images flickr30k-images/<id>.jpg",
+    "flickr30k-test": "flickr30k-images/flickr30k_test.json, images flickr30k-images/<id>.jpg",
     "docci": "docci/annotations/test_annotations.json, images docci/images/<image>",
     "iiw": "imageinwords/test_annotations.json, images imageinwords/<image>",
     "iiw-long": "imageinwords/{DOCCI_Test,IIW-400,DCI_Test}/data.jsonl, images imageinwords/{docci,docci_aar,dci}/",
@@ -69,7 +69,7 @@ def _coco(root: Path):
 
 
 def _flickr(root: Path, split: str):
-    data = _read_json(root / "flickr30k-images" / f"flickr30k_{split}.json", "flickr30k" if split == "test" else "flickr30k-val")
+    data = _read_json(root / "flickr30k-images" / f"flickr30k_{split}.json", "flickr30k" if split == "val" else "flickr30k-test")
     return _group([(str(root / record["image"]), caption) for record in data for caption in record["caption"]])
 
 
@@ -121,8 +121,8 @@ def _share4v(root: Path, count: int, benchmark: str):
 
 LOADERS: dict[str, Callable[[Path], list]] = {
     "coco": _coco,
-    "flickr30k": lambda root: _flickr(root, "test"),
-    "flickr30k-val": lambda root: _flickr(root, "val"),
+    "flickr30k": lambda root: _flickr(root, "val"),
+    "flickr30k-test": lambda root: _flickr(root, "test"),
     "docci": lambda root: _annotations_file(root / "docci" / "annotations" / "test_annotations.json", "docci", root / "docci" / "images"),
     "iiw": lambda root: _annotations_file(root / "imageinwords" / "test_annotations.json", "iiw", root / "imageinwords"),
     "iiw-long": _iiw_long,
