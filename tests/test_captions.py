@@ -40,6 +40,12 @@ class ConsecutiveBranch(random.Random):
     def random(self):
         return 0.0
 
+    def randrange(self, *args):
+        return STARTS.randrange(*args)
+
+
+STARTS = random.Random(0)
+
 
 def test_consecutive_runs_start_in_zero_to_n_minus_m_exclusive():
     captions = sample_subcaptions(SENTENCES, 500, max_merged=3, rng=ConsecutiveBranch(0))
