@@ -8,6 +8,8 @@ For a batch of `B` images with `K` captions each (caption `k` of image `i` at ro
 - MPS scores the global image embeddings against all `B * K` texts (+1 for the image's own `K`); the sum over the
   `(B, B * K)` grid is divided by `B * K`.
 - With MPS, the loss is `(TCS + MPS) / 2`.
+- Across ranks (`distributed_flair_loss`), every other rank's texts add a negatives-only TCS term (one random caption
+  of each remote image per local image) to the TCS sum, still divided by the local `B + K - 1`; MPS stays local.
 
 `logit_scale` is passed already exponentiated, as in the original.
 """
@@ -56,12 +58,25 @@ def sigmoid_loss_sum(logits: torch.Tensor, positives: torch.Tensor) -> torch.Ten
     return -F.logsigmoid(labels * logits).sum()
 
 
-def text_conditioned_sigmoid_loss(pooling, image_tokens, text_features, text_indices, logit_scale, logit_bias, captions_per_image):
-    """TCS over the `(B, B + K - 1)` grid given by `text_indices`, divided by `B + K - 1`."""
+def sample_remote_text_indices(num_images: int, num_remote_images: int, captions_per_image: int, generator=None):
+    """Per local image, one random caption row of every image of another rank's batch: `(B, B_remote)`."""
+    offsets = torch.randint(0, captions_per_image, (num_images, num_remote_images), generator=generator)
+    return torch.arange(num_remote_images) * captions_per_image + offsets
+
+
+def text_conditioned_sigmoid_loss(
+    pooling, image_tokens, text_features, text_indices, logit_scale, logit_bias, captions_per_image,
+    remote_text_features=(), remote_text_indices=(),
+):  # fmt: skip
+    """TCS over the local `(B, B + K - 1)` grid plus negatives-only grids over other ranks' texts, divided by `B + K - 1`."""
     logits = text_conditioned_logits(pooling, image_tokens, text_features, text_indices, logit_scale, logit_bias)
     owners = torch.div(text_indices, captions_per_image, rounding_mode="floor")
     positives = owners == torch.arange(logits.shape[0], device=logits.device)[:, None]
-    return sigmoid_loss_sum(logits, positives) / text_indices.shape[1]
+    total = sigmoid_loss_sum(logits, positives)
+    for remote, indices in zip(remote_text_features, remote_text_indices, strict=True):
+        remote_logits = text_conditioned_logits(pooling, image_tokens, remote, indices.to(remote.device), logit_scale, logit_bias)
+        total = total + sigmoid_loss_sum(remote_logits, torch.zeros_like(remote_logits, dtype=torch.bool))
+    return total / text_indices.shape[1]
 
 
 def multi_positive_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, captions_per_image):
@@ -83,27 +98,60 @@ def flair_loss(
     text_indices: torch.Tensor | None = None,
     add_mps_loss: bool = True,
     generator: torch.Generator | None = None,
+    remote_text_features=(),
+    remote_text_indices=None,
 ) -> torch.Tensor:
-    """The FLAIR loss on one process's batch; negatives are sampled unless `text_indices` is given."""
-    if text_features.shape[0] != image_features.shape[0] * captions_per_image:
+    """The FLAIR loss for one process's batch.
+
+    `remote_text_features` are other ranks' text features (with gradients, see `distributed_flair_loss`): each adds a
+    negatives-only TCS term (one random caption of every remote image per local image). Negatives are sampled with
+    `generator` unless `text_indices` / `remote_text_indices` are given.
+    """
+    batch_size, K = image_features.shape[0], captions_per_image
+    if text_features.shape[0] != batch_size * K:
         raise ValueError(
-            f"expected {captions_per_image} captions per image: {image_features.shape[0]} images need "
-            f"{image_features.shape[0] * captions_per_image} text rows, got {text_features.shape[0]}"
+            f"expected {K} captions per image: {batch_size} images need {batch_size * K} text rows, "
+            f"got {text_features.shape[0]}"
         )
     if text_indices is None:
-        text_indices = sample_text_indices(image_features.shape[0], captions_per_image, generator)[1]
-    text_indices = text_indices.to(text_features.device)
+        text_indices = sample_text_indices(batch_size, K, generator)[1]
+    if remote_text_indices is None:
+        remote_text_indices = [sample_remote_text_indices(batch_size, r.shape[0] // K, K, generator) for r in remote_text_features]
     loss = text_conditioned_sigmoid_loss(
-        pooling, image_tokens, text_features, text_indices, logit_scale, logit_bias, captions_per_image
-    )
+        pooling, image_tokens, text_features, text_indices.to(text_features.device), logit_scale, logit_bias, K,
+        remote_text_features, remote_text_indices,
+    )  # fmt: skip
     if add_mps_loss:
-        mps = multi_positive_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, captions_per_image)
-        loss = (loss + mps) / 2
+        loss = (loss + multi_positive_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, K)) / 2
     return loss
 
 
+def distributed_flair_loss(pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, captions_per_image, **kwargs):
+    """`flair_loss` with every other rank's texts as extra negatives.
+
+    Equivalent to the original's ring exchange: text features are all-gathered *with gradients*
+    (`torch.distributed.nn.functional.all_gather`, whose backward sums each rank's gradient contributions back to the
+    rank that owns the texts), so the gradients of the mean loss over ranks equal the single-process computation of
+    the same formula. Without an initialised process group (or with one rank) this is `flair_loss`.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flair_loss(pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, captions_per_image, **kwargs)
+    from torch.distributed.nn.functional import all_gather
+
+    gathered = all_gather(text_features)
+    remote = [texts for rank, texts in enumerate(gathered) if rank != dist.get_rank()]
+    return flair_loss(
+        pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, captions_per_image,
+        remote_text_features=remote, **kwargs,
+    )  # fmt: skip
+
+
 __all__ = [
+    "distributed_flair_loss",
     "flair_loss",
+    "sample_remote_text_indices",
     "multi_positive_sigmoid_loss",
     "sample_text_indices",
     "text_conditioned_logits",
