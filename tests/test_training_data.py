@@ -1,0 +1,113 @@
+"""Training data: brace patterns, source mixing, splitting, shuffling, sub-captions, corrupt data."""
+
+import itertools
+import random
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from shards import write_corrupt_shard, write_shard
+
+sys.path.insert(0, str(ROOT / "training"))
+from data import FlairTrainingStream, RandomResizedCropTransform, expand_braces, make_collate, parse_sources  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    for index in range(4):
+        write_shard(root / f"train-{index:04d}.tar", start=index * 5, count=5, extension="png" if index == 3 else "jpg")
+    return root
+
+
+def test_brace_patterns_and_sources():
+    assert expand_braces("cc3m-{0000..0002}.tar") == ["cc3m-0000.tar", "cc3m-0001.tar", "cc3m-0002.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    sources = parse_sources("x-{0..1}.tar::y.tar", "0.75::0.25")
+    assert sources == [(["x-0.tar", "x-1.tar"], 0.75), (["y.tar"], 0.25)]
+    with pytest.raises(ValueError, match="2 sources but 1 weights"):
+        parse_sources("a::b", "1")
+
+
+def keys_of(stream):
+    return [tuple(texts) for _, texts in stream]
+
+
+def test_stream_reads_every_sample_once_per_epoch_and_is_reproducible(shard_dir):
+    sources = parse_sources(str(shard_dir / "train-{0000..0003}.tar"))
+    stream = FlairTrainingStream(sources, captions_per_image=4, shuffle_buffer=6, seed=1)
+    samples = list(stream)
+    assert len(samples) == 20
+    pixels, texts = samples[0]
+    assert pixels.shape == (3, 224, 224) and len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
+    assert keys_of(FlairTrainingStream(sources, captions_per_image=4, shuffle_buffer=6, seed=1)) == keys_of(samples)
+    stream.set_epoch(1)
+    assert keys_of(stream) != keys_of(samples)
+
+
+def test_ranks_get_disjoint_shards(shard_dir):
+    sources = parse_sources(str(shard_dir / "train-{0000..0003}.tar"))
+    per_rank = [
+        {float(p.sum()) for p, _ in FlairTrainingStream(sources, captions_per_image=2, rank=r, world_size=2, shuffle_buffer=1)}
+        for r in range(2)
+    ]
+    assert len(per_rank[0]) == len(per_rank[1]) == 10 and not per_rank[0] & per_rank[1]
+
+
+def test_dataloader_workers_split_shards(shard_dir):
+    from flair_hf import FlairTokenizer
+
+    sources = parse_sources(str(shard_dir / "train-{0000..0003}.tar"))
+    stream = FlairTrainingStream(sources, captions_per_image=3, shuffle_buffer=2)
+    loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2, collate_fn=make_collate(FlairTokenizer.from_bpe_vocab()))
+    batches = list(loader)
+    assert sum(b["pixel_values"].shape[0] for b in batches) == 20
+    assert batches[0]["input_ids"].shape == (12, 77)
+
+
+def test_corrupt_sample_and_shard_are_skipped_and_counted(tmp_path, caplog):
+    write_shard(tmp_path / "good.tar", 0, 4, corrupt_index=2)
+    write_corrupt_shard(tmp_path / "broken.tar")
+    stream = FlairTrainingStream(parse_sources(f"{tmp_path}/{{good,broken}}.tar"), captions_per_image=2, shuffle_buffer=1)
+    samples = list(stream)
+    assert stream.stats.corrupt_samples >= 1 and stream.stats.corrupt_shards == 1
+    assert 3 <= len(samples) < 7
+    assert "skipping corrupt sample" in caplog.text and "skipping the rest of corrupt shard" in caplog.text
+
+
+def test_weighted_sources_are_resampled_in_proportion(tmp_path):
+    write_shard(tmp_path / "a.tar", 0, 2)
+    write_shard(tmp_path / "b.tar", 100, 2)
+    stream = FlairTrainingStream(parse_sources(f"{tmp_path}/a.tar::{tmp_path}/b.tar", "0.9::0.1"), captions_per_image=1, shuffle_buffer=1)
+    shards = list(itertools.islice(stream._shard_order(), 400))
+    share = shards.count(str(tmp_path / "a.tar")) / len(shards)
+    assert 0.8 < share < 0.97
+
+
+def test_datasets_image_text_dataset(tmp_path):
+    import datasets
+    from PIL import Image
+
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (30, 20), (i * 40, 0, 0)).save(paths[-1])
+    dataset = datasets.Dataset.from_dict({"img": paths, "text": [f"Sentence {i}. Another" for i in range(6)]}).cast_column("img", datasets.Image())
+    stream = FlairTrainingStream(dataset=dataset, image_column="img", caption_column="text", captions_per_image=2, rank=1, world_size=2, shuffle_buffer=1)
+    samples = list(stream)
+    assert len(samples) == 3 and all(len(texts) == 2 for _, texts in samples)
+
+
+def test_random_resized_crop_keeps_most_of_the_image():
+    transform = RandomResizedCropTransform()
+    rng = random.Random(0)
+    for _ in range(100):
+        left, top, right, bottom = transform.crop_box(400, 300, rng)
+        area = (right - left) * (bottom - top) / (400 * 300)
+        assert 0.85 <= area <= 1.0 and 0 <= left and right <= 400 and 0 <= top and bottom <= 300
+    from PIL import Image
+
+    pixels = transform(Image.new("L", (50, 80)), rng)
+    assert pixels.shape == (3, 224, 224)
