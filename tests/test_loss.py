@@ -88,3 +88,21 @@ def test_two_process_loss_and_gradients_equal_single_process(tmp_path):
     alone = flair_loss(head, *(features[0][k].detach() for k in ("image_features", "image_tokens", "text_features")),
                        torch.tensor(10.0), torch.tensor(-5.0), K, text_indices=inputs[0][1]["text_indices"])  # fmt: skip
     assert abs(alone.item() - ranks[0]["loss"].item()) > 1e-3
+
+
+def test_model_forward_return_loss_equals_flair_loss(tiny_model, tiny_reference):
+    pixels = tiny_reference["pixel_values"][:2]
+    ids = tiny_reference["input_ids"].long()[:6]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        output = tiny_model(input_ids=ids, pixel_values=pixels, return_loss=True, captions_per_image=3)
+        torch.manual_seed(0)
+        expected = flair_loss(
+            tiny_model.text_conditioned_pooling, tiny_model.get_image_features(pixels),
+            tiny_model.get_image_token_features(pixels), tiny_model.get_text_features(ids),
+            tiny_model.logit_scale.exp(), tiny_model.logit_bias, captions_per_image=3,
+        )  # fmt: skip
+    assert output.loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert output.logits_per_image is None
+    with pytest.raises(ValueError, match="captions_per_image"):
+        tiny_model(input_ids=ids, pixel_values=pixels, return_loss=True)

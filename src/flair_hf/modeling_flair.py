@@ -20,12 +20,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_flair import FlairConfig, FlairTextConfig, FlairVisionConfig
+from .loss import distributed_flair_loss, flair_loss
 
 
 @dataclass
 class FlairOutput(ModelOutput):
     r"""
     Output of [`FlairModel.forward`] for `B` images and `T` texts (`D` = projection dim, `L` = patch tokens).
+
+    loss (with `return_loss=True`): the FLAIR training loss (see `flair_hf.loss`); the logits are then not computed.
 
     logits_per_image (`(B, T)`): FLAIR logits, `exp(logit_scale) * cos(pool(text_j | image_i), text_j) + logit_bias`.
     logits_per_text (`(T, B)`): the transpose of `logits_per_image`.
@@ -40,6 +43,7 @@ class FlairOutput(ModelOutput):
     text_model_output, vision_model_output: the towers' outputs (`last_hidden_state`, `pooler_output`).
     """
 
+    loss: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
     logits_per_text: torch.FloatTensor | None = None
     logits_per_image_as_clip: torch.FloatTensor | None = None
@@ -487,16 +491,35 @@ class FlairModel(FlairPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         return_dict: bool | None = None,
+        return_loss: bool = False,
+        captions_per_image: int | None = None,
+        add_mps_loss: bool = True,
+        loss_across_ranks: bool = True,
     ) -> FlairOutput | tuple:
         r"""
         Score `B` images against `T` texts both ways. `input_ids` `(T, 77)`, `pixel_values` `(B, 3, 224, 224)`.
         With `output_attentions=True` the pooling head's weights are returned as `pooling_attentions`.
+
+        With `return_loss=True` (training), `T = B * captions_per_image` and caption `k` of image `i` is row
+        `i * K + k`; the output holds the FLAIR loss (text-conditioned sigmoid loss, plus the multi-positive sigmoid
+        loss if `add_mps_loss`; other ranks' texts are extra negatives when torch.distributed is initialised and
+        `loss_across_ranks`).
         """
         text_outputs = self.text_model(input_ids, attention_mask)
         vision_outputs = self.vision_model(pixel_values)
         text_embeds = self.text_projection(text_outputs.pooler_output)
         image_embeds = self.visual_projection(vision_outputs.pooler_output)
         image_token_embeds = self.visual_projection(vision_outputs.last_hidden_state[:, 1:])
+        if return_loss:
+            if captions_per_image is None:
+                raise ValueError("return_loss=True needs captions_per_image")
+            loss_function = distributed_flair_loss if loss_across_ranks else flair_loss
+            loss = loss_function(
+                self.text_conditioned_pooling, image_embeds, image_token_embeds, text_embeds,
+                self.logit_scale.exp(), self.logit_bias, captions_per_image, add_mps_loss=add_mps_loss,
+            )  # fmt: skip
+            output = FlairOutput(loss=loss, text_embeds=text_embeds, image_embeds=image_embeds)
+            return output if return_dict is not False else output.to_tuple()
         if output_attentions:
             pooled, pooling_attentions = self.text_conditioned_pooling(text_embeds, image_token_embeds, True)
         else:
