@@ -1,0 +1,351 @@
+"""Train or fine-tune FLAIR with Accelerate, from one CPU to multi-node GPU clusters (DDP or FSDP2).
+
+    accelerate launch [--config_file training/accelerate/fsdp2.yaml] training/train.py --config training/configs/cc3m_recap.yaml \
+        [--train-data "cc3m-train-{0000..0575}.tar"] [--output-dir runs/cc3m] [--resume latest] [--KEY VALUE ...]
+
+Every field of `TrainConfig` can be set in the YAML file and overridden on the command line (`--batch-size 64`).
+The model starts from scratch (`model_config`) or from any FLAIR or CLIP checkpoint in HF format (`--model DIR`).
+Checkpoints (`accelerator.save_state`, sharded under FSDP) are written every `checkpoint_every` steps and resumed with
+`--resume latest`; the final model is exported as a `from_pretrained` directory (safetensors, processor, remote code).
+"""
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import FlairTrainingStream, make_collate, parse_sources  # noqa: E402
+
+from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTokenizer  # noqa: E402
+from flair_hf.captions import DREAMLIP_KEYS  # noqa: E402
+
+MAX_LOGIT_SCALE = math.log(100)
+
+
+@dataclass
+class TrainConfig:
+    # data: webdataset shards ("a-{0000..0575}.tar::b-{0..9}.tar", optional "0.7::0.3" weights) or a datasets dataset
+    train_data: str | None = None
+    train_data_weights: str | None = None
+    dataset_name: str | None = None
+    dataset_split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    caption_keys: list = field(default_factory=lambda: list(DREAMLIP_KEYS))
+    train_num_samples: int | None = None  # samples per epoch (needed for shards; default: the dataset's length)
+    captions_per_image: int = 8
+    max_merged: int = 3
+    shuffle_buffer: int = 1000
+    workers: int = 2
+    image_size: int = 224
+    # model
+    model: str | None = None  # FLAIR or CLIP directory / Hub id in HF format; None: from scratch with model_config
+    model_config: dict = field(default_factory=dict)
+    gradient_checkpointing: bool = False
+    add_mps_loss: bool = True
+    # optimisation (the paper's CC3M-recap recipe)
+    epochs: int = 32
+    max_steps: int | None = None
+    batch_size: int = 128  # per device
+    gradient_accumulation_steps: int = 1
+    lr: float = 5e-4
+    warmup_steps: int = 2000
+    weight_decay: float = 0.5
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    mixed_precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or no / bf16 / fp16
+    seed: int = 0
+    # checkpoints, logging, export
+    output_dir: str = "runs/flair"
+    checkpoint_every: int = 1000
+    resume: str | None = None  # "latest" or a checkpoint directory
+    log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard, wandb, all or none
+    export_dir: str | None = None  # default: OUTPUT_DIR/final
+    eval_batch: str | None = None  # safetensors with pixel_values/input_ids: loss after training -> eval_loss.json
+
+
+def load_config(argv=None) -> TrainConfig:
+    """YAML `--config` first, then `--field value` overrides (YAML syntax for values: lists, dicts, null)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with TrainConfig fields")
+    for item in dataclasses.fields(TrainConfig):
+        parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, type=yaml.safe_load, default=argparse.SUPPRESS)
+    args = vars(parser.parse_args(argv))
+    values = yaml.safe_load(Path(args.pop("config")).read_text()) if args.get("config") else {}
+    args.pop("config", None)
+    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise SystemExit(f"unknown config keys: {', '.join(sorted(unknown))}")
+    return TrainConfig(**{**values, **args})
+
+
+def enable_fsdp_on_cpu(accelerator) -> None:
+    """Make `accelerate launch` with an FSDP config really use FSDP on a CPU-only machine.
+
+    Stock Accelerate silently drops the FSDP plugin when the state is MULTI_CPU (plain DDP). When the launcher asked
+    for FSDP (`ACCELERATE_USE_FSDP=true`), build the plugin from the FSDP_* environment and switch both the
+    PartialState and the AcceleratorState to FSDP on CPU (each re-copies the other's shared state). No-op on GPU.
+    """
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU or os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    for state in (PartialState(), AcceleratorState()):
+        state.distributed_type = DistributedType.FSDP
+        state.device = torch.device("cpu")
+    AcceleratorState().fsdp_plugin = plugin
+
+
+def set_scalar_shapes(model: FlairModel, shape: tuple) -> None:
+    """FSDP rejects 0-d parameters: train `logit_scale` / `logit_bias` as `[1]`, export them as `()` (CLIP's shape)."""
+    for name in ("logit_scale", "logit_bias"):
+        parameter = getattr(model, name)
+        if tuple(parameter.shape) != shape:
+            setattr(model, name, torch.nn.Parameter(parameter.detach().reshape(shape)))
+
+
+def build_model(config: TrainConfig) -> FlairModel:
+    if config.model is None:
+        model = FlairModel(FlairConfig(**config.model_config))
+    else:
+        model = FlairModel.from_pretrained(config.model)  # a CLIP checkpoint loads too; the pooling head starts random
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    set_scalar_shapes(model, (1,))
+    return model
+
+
+def build_processor(config: TrainConfig) -> FlairProcessor:
+    if config.model is not None:
+        try:
+            return FlairProcessor.from_pretrained(config.model)
+        except (OSError, ValueError, TypeError):
+            pass  # a CLIP checkpoint: use FLAIR's own tokenizer and image processor
+    return FlairProcessor(FlairImageProcessor(), FlairTokenizer.from_bpe_vocab())
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """No weight decay on gains, biases, embeddings and the logit parameters."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.ndim < 2 or "bias" in name or "embedding" in name or "logit_" in name or "norm" in name
+        (no_decay if exempt else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_stream(config: TrainConfig, rank: int, world_size: int) -> FlairTrainingStream:
+    common = dict(
+        captions_per_image=config.captions_per_image, max_merged=config.max_merged, caption_keys=tuple(config.caption_keys),
+        shuffle_buffer=config.shuffle_buffer, seed=config.seed, rank=rank, world_size=world_size, image_size=config.image_size,
+    )  # fmt: skip
+    if config.train_data:
+        return FlairTrainingStream(parse_sources(config.train_data, config.train_data_weights), **common)
+    if config.dataset_name:
+        import datasets
+
+        path = Path(config.dataset_name)
+        if path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
+            dataset = datasets.load_from_disk(str(path))  # a dataset saved with save_to_disk
+        else:
+            dataset = datasets.load_dataset(config.dataset_name, split=config.dataset_split)
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[config.dataset_split]
+        return FlairTrainingStream(dataset=dataset, image_column=config.image_column, caption_column=config.caption_column, **common)
+    raise SystemExit("give --train-data (webdataset shards) or --dataset-name (a datasets dataset)")
+
+
+def steps_per_epoch(config: TrainConfig, stream: FlairTrainingStream, world_size: int) -> int:
+    samples = config.train_num_samples or (len(stream.dataset) if stream.dataset is not None else None)
+    if samples is None:
+        raise SystemExit("--train-num-samples is needed with webdataset shards (samples per epoch)")
+    return max(1, samples // (config.batch_size * world_size * config.gradient_accumulation_steps))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def export(accelerator, model, processor, directory: Path) -> None:
+    """Gather a full state dict on the main process and write a `from_pretrained` directory (with remote code)."""
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        state_dict = {k: (v.reshape(()) if k in ("logit_scale", "logit_bias") else v) for k, v in state_dict.items()}
+    else:
+        state_dict = {}  # non-main ranks must pass {} (None deadlocks)
+    unwrapped.save_pretrained(
+        directory, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
+    )
+    if accelerator.is_main_process:
+        processor.save_pretrained(directory)
+        config = json.loads((directory / "config.json").read_text())
+        assert "auto_map" in config, "export lost the remote-code auto_map"
+    accelerator.wait_for_everyone()
+
+
+def evaluate_loss(model, config: TrainConfig, device) -> float:
+    from safetensors.torch import load_file
+
+    batch = load_file(config.eval_batch)
+    torch.manual_seed(config.seed)
+    model.eval()
+    with torch.no_grad():
+        output = model(
+            input_ids=batch["input_ids"].to(device), pixel_values=batch["pixel_values"].to(device), return_loss=True,
+            captions_per_image=config.captions_per_image, add_mps_loss=config.add_mps_loss, loss_across_ranks=False,
+        )  # fmt: skip
+    model.train()
+    return output.loss.item()
+
+
+def train(config: TrainConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    output_dir = Path(config.output_dir)
+    mixed_precision = config.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    report_to = None if config.report_to == "none" else config.report_to
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    enable_fsdp_on_cpu(accelerator)
+    set_seed(config.seed, device_specific=True)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+
+    model, processor = build_model(config), build_processor(config)
+    stream = build_stream(config, rank, world_size)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=config.batch_size, num_workers=config.workers, collate_fn=make_collate(processor.tokenizer),
+        drop_last=True, persistent_workers=False,
+    )  # fmt: skip
+    per_epoch = steps_per_epoch(config, stream, world_size)
+    total_steps = config.max_steps or per_epoch * config.epochs
+    model = accelerator.prepare(model)  # FSDP2 needs the model prepared before the optimizer is built
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    if report_to:
+        accelerator.init_trackers("flair", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+
+    step, epoch, step_in_epoch = 0, 0, 0
+    checkpoint = latest_checkpoint(output_dir) if config.resume == "latest" else (Path(config.resume) if config.resume else None)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        accelerator.print(f"resumed from {checkpoint} at step {step} (epoch {epoch}, batch {step_in_epoch})")
+
+    losses_path = output_dir / "losses.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None and losses_path.exists():
+            losses_path.unlink()
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="training")
+    unwrapped = accelerator.unwrap_model(model)
+    model.train()
+    while step < total_steps:
+        stream.set_epoch(epoch)
+        batches = iter(loader)
+        for _ in range(step_in_epoch * config.gradient_accumulation_steps):
+            next(batches)  # same data order as an uninterrupted run
+        wait_start = time.perf_counter()
+        for batch in batches:
+            data_wait = time.perf_counter() - wait_start
+            step_start = time.perf_counter()
+            with accelerator.accumulate(model):
+                output = model(
+                    input_ids=batch["input_ids"].to(accelerator.device), pixel_values=batch["pixel_values"].to(accelerator.device),
+                    return_loss=True, captions_per_image=config.captions_per_image, add_mps_loss=config.add_mps_loss,
+                )  # fmt: skip
+                accelerator.backward(output.loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                wait_start = time.perf_counter()
+                continue
+            with torch.no_grad():
+                unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            step, step_in_epoch = step + 1, step_in_epoch + 1
+            loss = accelerator.reduce(output.loss.detach(), reduction="mean").item()
+            samples_per_second = config.batch_size / max(time.perf_counter() - step_start + data_wait, 1e-9)
+            metrics = {
+                "loss": loss, "lr": scheduler.get_last_lr()[0],
+                "logit_scale": unwrapped.logit_scale.detach().float().exp().mean().item(),
+                "logit_bias": unwrapped.logit_bias.detach().float().mean().item(),
+                "samples_per_second": samples_per_second * world_size, "samples_per_second_per_device": samples_per_second,
+                "data_wait_seconds": data_wait,
+                "corrupt_samples": stream.stats.corrupt_samples, "corrupt_shards": stream.stats.corrupt_shards,
+            }  # fmt: skip
+            if accelerator.is_main_process:
+                with losses_path.open("a") as handle:
+                    handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            if report_to and step % config.log_every == 0:
+                accelerator.log(metrics, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if step % config.checkpoint_every == 0 or step == total_steps:
+                directory = output_dir / "checkpoints" / f"step_{step}"
+                accelerator.save_state(str(directory))
+                if accelerator.is_main_process:
+                    state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch}
+                    (directory / "trainer_state.json").write_text(json.dumps(state))
+                accelerator.wait_for_everyone()
+            if step >= total_steps or step_in_epoch >= per_epoch:
+                break
+            wait_start = time.perf_counter()
+        epoch, step_in_epoch = epoch + 1, 0
+    progress.close()
+
+    export_dir = Path(config.export_dir or output_dir / "final")
+    export(accelerator, model, processor, export_dir)
+    summary = {
+        "steps": step, "world_size": world_size, "distributed_type": str(accelerator.distributed_type),
+        "export_dir": str(export_dir),
+    }  # fmt: skip
+    if config.eval_batch:
+        summary["eval_loss"] = evaluate_loss(model, config, accelerator.device)
+    if accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    del model, optimizer, unwrapped
+    gc.collect()
+    accelerator.end_training()  # after freeing the model: avoids the exit hang seen with gloo
+    return summary
+
+
+def main(argv=None):
+    train(load_config(argv))
+
+
+if __name__ == "__main__":
+    main()
