@@ -186,20 +186,19 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def export(accelerator, model, processor, directory: Path) -> None:
-    """Gather a full state dict on the main process and write a `from_pretrained` directory (with remote code)."""
-    state_dict = accelerator.get_state_dict(model)
-    unwrapped = accelerator.unwrap_model(model)
+    """Gather a full state dict on the main process and write a `from_pretrained` directory (with remote code).
+
+    The weights go into a fresh, unwrapped `FlairModel` (FSDP2 swaps the model's class), with the logit scalars back
+    in CLIP's `()` shape, so the export is an ordinary FLAIR checkpoint.
+    """
+    state_dict = accelerator.get_state_dict(model)  # collective: every rank takes part
     if accelerator.is_main_process:
-        state_dict = {k: (v.reshape(()) if k in ("logit_scale", "logit_bias") else v) for k, v in state_dict.items()}
-    else:
-        state_dict = {}  # non-main ranks must pass {} (None deadlocks)
-    unwrapped.save_pretrained(
-        directory, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
-    )
-    if accelerator.is_main_process:
+        clean = FlairModel(accelerator.unwrap_model(model).config)
+        set_scalar_shapes(clean, (1,))
+        clean.load_state_dict(state_dict)
+        set_scalar_shapes(clean, ())
+        clean.save_pretrained(directory)
         processor.save_pretrained(directory)
-        config = json.loads((directory / "config.json").read_text())
-        assert "auto_map" in config, "export lost the remote-code auto_map"
     accelerator.wait_for_everyone()
 
 
@@ -207,9 +206,9 @@ def evaluate_loss(model, config: TrainConfig, device) -> float:
     from safetensors.torch import load_file
 
     batch = load_file(config.eval_batch)
-    torch.manual_seed(config.seed)
     model.eval()
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(config.seed)
         output = model(
             input_ids=batch["input_ids"].to(device), pixel_values=batch["pixel_values"].to(device), return_loss=True,
             captions_per_image=config.captions_per_image, add_mps_loss=config.add_mps_loss, loss_across_ranks=False,
@@ -243,16 +242,15 @@ def train(config: TrainConfig) -> dict:
     stream = build_stream(config, rank, world_size)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=config.batch_size, num_workers=config.workers, collate_fn=make_collate(processor.tokenizer),
-        drop_last=True, persistent_workers=False,
-    )  # fmt: skip
+        drop_last=True, generator=torch.Generator().manual_seed(config.seed),  # own generator: keeps the global RNG
+    )  # fmt: skip                                                               # (negative sampling) resumable
     per_epoch = steps_per_epoch(config, stream, world_size)
     total_steps = config.max_steps or per_epoch * config.epochs
-    model = accelerator.prepare(model)  # FSDP2 needs the model prepared before the optimizer is built
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)  # together, as FSDP2 requires
     if report_to:
         accelerator.init_trackers("flair", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
 
@@ -264,6 +262,7 @@ def train(config: TrainConfig) -> dict:
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         accelerator.print(f"resumed from {checkpoint} at step {step} (epoch {epoch}, batch {step_in_epoch})")
 
+    initial_eval_loss = evaluate_loss(model, config, accelerator.device) if config.eval_batch else None
     losses_path = output_dir / "losses.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +332,7 @@ def train(config: TrainConfig) -> dict:
         "export_dir": str(export_dir),
     }  # fmt: skip
     if config.eval_batch:
-        summary["eval_loss"] = evaluate_loss(model, config, accelerator.device)
+        summary.update(initial_eval_loss=initial_eval_loss, eval_loss=evaluate_loss(model, config, accelerator.device))
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()

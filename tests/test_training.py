@@ -1,0 +1,136 @@
+"""Training with Accelerate on CPU: one process, DDP, FSDP2 (save/resume/export), simulated two-node launch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import ROOT
+from shards import write_shard
+
+TRAIN = str(ROOT / "training" / "train.py")
+TINY = str(ROOT / "training" / "configs" / "tiny_cpu.yaml")
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    for index in range(4):
+        write_shard(root / f"train-{index:04d}.tar", index * 8, 8)
+    from flair_hf import FlairTokenizer
+
+    generator = torch.Generator().manual_seed(0)
+    ids = FlairTokenizer.from_bpe_vocab()(
+        ["a red square", "bright", "on white", "a blue circle", "small", "centered"], padding="max_length", max_length=77, return_tensors="pt"
+    )["input_ids"]
+    save_file({"pixel_values": torch.randn(2, 3, 32, 32, generator=generator), "input_ids": ids}, root / "eval_batch.safetensors")
+    return root
+
+
+def train_args(data, output, *extra):
+    return [TRAIN, "--config", TINY, "--train-data", f"{data}/train-{{0000..0003}}.tar", "--train-num-samples", "32",
+            "--eval-batch", str(data / "eval_batch.safetensors"), "--output-dir", str(output), *extra]  # fmt: skip
+
+
+def run(command, env_extra=None, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-6000:])
+    return result
+
+
+def launch(config_file, args, env_extra=None, launch_args=()):
+    env = {"ACCELERATE_USE_CPU": "true", **(env_extra or {})}
+    return run(ACCELERATE + ["--config_file", str(ROOT / "training" / "accelerate" / config_file),
+                             "--main_process_port", str(free_port()), *launch_args, *args], env)  # fmt: skip
+
+
+def losses(output):
+    return [json.loads(line)["loss"] for line in (output / "losses.jsonl").read_text().splitlines()]
+
+
+def summary(output):
+    return json.loads((output / "summary.json").read_text())
+
+
+def test_single_process_training_lowers_the_loss_on_a_fixed_batch(data, tmp_path):
+    run([sys.executable] + train_args(data, tmp_path / "run", "--max-steps", "8", "--lr", "0.003"))
+    result = summary(tmp_path / "run")
+    assert result["world_size"] == 1 and result["steps"] == 8
+    assert result["eval_loss"] < result["initial_eval_loss"] - 0.5, result
+    assert len(losses(tmp_path / "run")) == 8
+
+
+def test_ddp_on_cpu_really_uses_two_processes(data, tmp_path):
+    launch("ddp_cpu.yaml", train_args(data, tmp_path / "ddp", "--max-steps", "2"))
+    result = summary(tmp_path / "ddp")
+    assert result["distributed_type"] == "DistributedType.MULTI_CPU" and result["world_size"] == 2
+
+
+@pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
+def test_fsdp2_resume_equals_uninterrupted_run_and_export_loads(data, tmp_path, state_dict_type):
+    options = {"launch_args": ["--fsdp_state_dict_type", state_dict_type]}
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch("fsdp2.yaml", train_args(data, whole, "--max-steps", "6", "--checkpoint-every", "3"), **options)
+    sharded = (whole / "checkpoints" / "step_3" / "pytorch_model_fsdp_0").is_dir()
+    assert sharded == (state_dict_type == "SHARDED_STATE_DICT"), sorted(p.name for p in (whole / "checkpoints" / "step_3").iterdir())
+    result = summary(whole)
+    assert result["distributed_type"] == "DistributedType.FSDP" and result["world_size"] == 2
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.symlink(whole / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    launch("fsdp2.yaml", train_args(data, resumed, "--max-steps", "6", "--checkpoint-every", "3", "--resume", "latest"), **options)
+    assert losses(resumed) == losses(whole)[3:]
+
+    assert remote_code_eval_loss(result["export_dir"], data / "eval_batch.safetensors", tmp_path) == pytest.approx(
+        result["eval_loss"], abs=1e-5
+    )
+
+
+REMOTE_EVAL = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import remote_code_probe  # makes flair_hf unimportable
+from safetensors.torch import load_file
+from transformers import AutoModel
+model = AutoModel.from_pretrained({export!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+assert model.logit_scale.shape == () and model.logit_bias.shape == ()
+torch.manual_seed(0)
+with torch.no_grad():
+    print(model(**load_file({batch!r}), return_loss=True, captions_per_image=3, loss_across_ranks=False).loss.item())
+"""
+
+
+def remote_code_eval_loss(export_dir, batch, tmp_path) -> float:
+    """The exported directory's eval loss, loaded with AutoModel + remote code in a process without flair_hf."""
+    code = REMOTE_EVAL.format(tests=str(ROOT / "tests"), export=str(export_dir), batch=str(batch))
+    result = run([sys.executable, "-c", code], {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""})
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def test_simulated_two_node_fsdp2_launch(data, tmp_path):
+    port = free_port()
+    common = ["--config_file", str(ROOT / "training" / "accelerate" / "fsdp2_multinode.yaml"), "--num_machines", "2",
+              "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
+    nodes = [
+        subprocess.Popen(ACCELERATE + common + ["--machine_rank", str(rank)] + train_args(data, tmp_path / "two-node", "--max-steps", "2"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+        for rank in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    result = summary(tmp_path / "two-node")
+    assert result["distributed_type"] == "DistributedType.FSDP" and result["world_size"] == 2
