@@ -134,3 +134,29 @@ def test_simulated_two_node_fsdp2_launch(data, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     result = summary(tmp_path / "two-node")
     assert result["distributed_type"] == "DistributedType.FSDP" and result["world_size"] == 2
+
+
+def test_starts_from_a_clip_checkpoint_in_hf_format(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    sys.path.insert(0, str(ROOT / "training"))
+    from train import TrainConfig, build_model, build_processor, parameter_groups
+
+    clip = CLIPModel(CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "hidden_act": "gelu"},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8, "hidden_act": "gelu"},
+        projection_dim=16,
+    ))  # fmt: skip
+    clip.save_pretrained(tmp_path / "clip")
+    model = build_model(TrainConfig(model=str(tmp_path / "clip")))
+    clip_state = clip.state_dict()
+    for name, value in model.state_dict().items():
+        if name in clip_state and name != "logit_scale":
+            assert torch.equal(value, clip_state[name]), name
+    assert model.logit_scale.shape == (1,) and model.logit_bias.item() == -10.0
+    assert type(build_processor(TrainConfig(model=str(tmp_path / "clip")))).__name__ == "FlairProcessor"
+    decay, no_decay = parameter_groups(model, 0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("embedding" not in names[id(p)] and "bias" not in names[id(p)] for p in decay["params"])
+    assert any(names[id(p)] == "logit_scale" for p in no_decay["params"])
