@@ -73,6 +73,20 @@ def test_single_process_training_lowers_the_loss_on_a_fixed_batch(data, tmp_path
     assert len(losses(tmp_path / "run")) == 8
 
 
+def test_accumulation_checkpointing_and_tensorboard_logging(data, tmp_path):
+    import yaml
+
+    model_config = {**yaml.safe_load(open(TINY))["model_config"], "logit_scale_init_value": 5.0}  # exp(5) > 100
+    extra = ["--max-steps", "2", "--gradient-accumulation-steps", "2", "--gradient-checkpointing", "true",
+             "--report-to", "tensorboard", "--checkpoint-every", "2", "--model-config", json.dumps(model_config)]  # fmt: skip
+    run([sys.executable] + train_args(data, tmp_path / "run", *extra))
+    assert summary(tmp_path / "run")["steps"] == 2 and len(losses(tmp_path / "run")) == 2
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    step = json.loads((tmp_path / "run" / "losses.jsonl").read_text().splitlines()[-1])
+    assert {"lr", "logit_scale", "logit_bias", "samples_per_second_per_device", "data_wait_seconds"} <= set(step)
+    assert step["logit_scale"] <= 100.0 + 1e-3  # clamped to ln 100 after each step
+
+
 def test_ddp_on_cpu_really_uses_two_processes(data, tmp_path):
     launch("ddp_cpu.yaml", train_args(data, tmp_path / "ddp", "--max-steps", "2"))
     result = summary(tmp_path / "ddp")

@@ -91,6 +91,19 @@ def load_config(argv=None) -> TrainConfig:
     return TrainConfig(**{**values, **args})
 
 
+def check_trackers(report_to: str | None) -> None:
+    """Accelerate only warns when a requested tracker is not installed; fail clearly instead."""
+    import importlib.util
+
+    wanted = {"tensorboard", "wandb"} if report_to == "all" else {report_to} - {None}
+    missing = [name for name in sorted(wanted) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(
+            f"--report-to {report_to} needs {', '.join(missing)} (pip install -e '.[train]' for TensorBoard); "
+            "or pass --report-to none"
+        )
+
+
 def enable_fsdp_on_cpu(accelerator) -> None:
     """Make `accelerate launch` with an FSDP config really use FSDP on a CPU-only machine.
 
@@ -228,6 +241,7 @@ def train(config: TrainConfig) -> dict:
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     report_to = None if config.report_to == "none" else config.report_to
+    check_trackers(report_to)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
