@@ -11,7 +11,6 @@ and moved into place only when everything (including `--verify`) succeeded.
 
 import argparse
 import json
-import math
 import os
 import pickle
 import shutil

@@ -1,6 +1,5 @@
 """The converter: bad inputs fail clearly and leave nothing behind; --verify; Hub download and upload paths."""
 
-import pickle
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The evaluate metric module, on hand-computed cases."""
 
 import evaluate
-import numpy as np
 import pytest
 
 from conftest import ROOT

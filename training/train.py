@@ -254,10 +254,12 @@ def train(config: TrainConfig) -> dict:
 
     model, processor = build_model(config), build_processor(config)
     stream = build_stream(config, rank, world_size)
+    # the loader gets its own generator so that creating it does not advance the global RNG (negative sampling),
+    # which keeps a resumed run identical to an uninterrupted one
     loader = torch.utils.data.DataLoader(
         stream, batch_size=config.batch_size, num_workers=config.workers, collate_fn=make_collate(processor.tokenizer),
-        drop_last=True, generator=torch.Generator().manual_seed(config.seed),  # own generator: keeps the global RNG
-    )  # fmt: skip                                                               # (negative sampling) resumable
+        drop_last=True, generator=torch.Generator().manual_seed(config.seed),
+    )  # fmt: skip
     per_epoch = steps_per_epoch(config, stream, world_size)
     total_steps = config.max_steps or per_epoch * config.epochs
     optimizer = torch.optim.AdamW(

@@ -217,7 +217,9 @@ def load_hub_benchmark(
         captions.append(texts)
         caption_ids.append(list(range(next_id, next_id + len(texts))))
         next_id += len(texts)
-    hub = hub.select_columns([image_column]).rename_column(image_column, "image") if image_column != "image" else hub.select_columns(["image"])
+    hub = hub.select_columns([image_column])
+    if image_column != "image":
+        hub = hub.rename_column(image_column, "image")
     hub = hub.add_column("image_path", [f"{dataset_id}/{split}/{i}" for i in range(len(hub))])
     hub = hub.add_column("image_id", list(range(len(hub))))
     hub = hub.add_column("captions", captions)
