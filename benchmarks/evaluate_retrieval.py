@@ -89,9 +89,9 @@ def encode(model, processor, dataset, captions, batch_size, device, autocast_dty
         for start in tqdm(range(0, len(dataset), batch_size), desc="encoding images", unit="batch"):
             images = dataset[start : start + batch_size]["image"]
             pixels = processor(images=images)["pixel_values"].to(device)
-            outputs = model.vision_model(pixels)
-            image_embeds.append(model.visual_projection(outputs.pooler_output).float().cpu())
-            image_tokens.append(model.visual_projection(outputs.last_hidden_state[:, 1:]).float().cpu())
+            embeds, tokens = model.get_image_and_token_features(pixels)
+            image_embeds.append(embeds.float().cpu())
+            image_tokens.append(tokens.float().cpu())
     return {
         "text_embeds": torch.cat(text_embeds),
         "image_embeds": torch.cat(image_embeds),

@@ -19,9 +19,10 @@ sys.meta_path.insert(0, _BlockFlairHF())
 
 
 def main(model_dir: str, inputs_json: str, output_path: str) -> None:
-    import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    from reference_tensors import model_outputs
 
     try:
         import flair_hf  # noqa: F401
@@ -34,28 +35,7 @@ def main(model_dir: str, inputs_json: str, output_path: str) -> None:
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     encoding = processor(text=inputs["captions"], images=inputs["images"])
-    with torch.no_grad():
-        output = model(**encoding, output_attentions=True)
-        text_outputs = model.text_model(encoding["input_ids"])
-        vision_outputs = model.vision_model(encoding["pixel_values"])
-    tensors = {
-        "input_ids": encoding["input_ids"],
-        "pixel_values": encoding["pixel_values"],
-        "vision_pooled": vision_outputs.pooler_output,
-        "vision_tokens": vision_outputs.last_hidden_state[:, 1:],
-        "text_pooled": text_outputs.pooler_output,
-        "text_tokens": text_outputs.last_hidden_state,
-        "image_embeds": model.get_image_features(encoding["pixel_values"]),
-        "image_token_embeds": model.get_image_token_features(encoding["pixel_values"]),
-        "text_embeds": model.get_text_features(encoding["input_ids"]),
-        "logits_per_image": output.logits_per_image,
-        "logits_as_clip_per_image": output.logits_per_image_as_clip,
-        "text_conditioned_image_embeds": model.get_text_conditioned_image_features(
-            input_ids=encoding["input_ids"], pixel_values=encoding["pixel_values"]
-        ),
-        "pooling_attention_mean": output.pooling_attentions.mean(1),
-        "pooling_attention_heads": output.pooling_attentions,
-    }
+    tensors = model_outputs(model, encoding["input_ids"], encoding["pixel_values"])
     save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, output_path)
     classes = [type(config).__module__, type(model).__module__, type(processor).__module__]
     print(json.dumps({"flair_hf_blocked": blocked, "modules": classes}))

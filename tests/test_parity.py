@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, ROOT
+from reference_tensors import model_outputs
 
 TINY_TOLERANCE = 1e-5
 FULL_SIZE_TOLERANCE = 1e-4
@@ -45,26 +46,7 @@ def run_remote_probe(model_dir: Path, images, captions, tmp_path: Path) -> dict:
 
 def tiny_outputs(model, processor, images, captions) -> dict:
     encoding = processor(text=captions, images=[str(p) for p in images])
-    ids, pixels = encoding["input_ids"], encoding["pixel_values"]
-    with torch.no_grad():
-        output = model(input_ids=ids, pixel_values=pixels, output_attentions=True)
-        vision, text = model.vision_model(pixels), model.text_model(ids)
-        return {
-            "input_ids": ids,
-            "pixel_values": pixels,
-            "vision_pooled": vision.pooler_output,
-            "vision_tokens": vision.last_hidden_state[:, 1:],
-            "text_pooled": text.pooler_output,
-            "text_tokens": text.last_hidden_state,
-            "image_embeds": model.get_image_features(pixels),
-            "image_token_embeds": model.get_image_token_features(pixels),
-            "text_embeds": model.get_text_features(ids),
-            "logits_as_clip_per_image": model.get_logits_as_clip(ids, pixels)[0],
-            "logits_per_image": model.get_logits(ids, pixels)[0],
-            "text_conditioned_image_embeds": model.get_text_conditioned_image_features(input_ids=ids, pixel_values=pixels),
-            "pooling_attention_mean": output.pooling_attentions.mean(1),
-            "pooling_attention_heads": output.pooling_attentions,
-        }
+    return model_outputs(model, encoding["input_ids"], encoding["pixel_values"])
 
 
 @pytest.mark.parametrize("layout", ["flair-tiny-state-dict.pt", "flair-tiny-train-ckpt.pt"])

@@ -206,10 +206,10 @@ def export(accelerator, model, processor, directory: Path) -> None:
     """
     state_dict = accelerator.get_state_dict(model)  # collective: every rank takes part
     if accelerator.is_main_process:
+        for name in ("logit_scale", "logit_bias"):
+            state_dict[name] = state_dict[name].reshape(())
         clean = FlairModel(accelerator.unwrap_model(model).config)
-        set_scalar_shapes(clean, (1,))
         clean.load_state_dict(state_dict)
-        set_scalar_shapes(clean, ())
         clean.save_pretrained(directory)
         processor.save_pretrained(directory)
     accelerator.wait_for_everyone()

@@ -39,17 +39,22 @@ def text_indices_from_offsets(offsets: torch.Tensor, captions_per_image: int) ->
     return torch.cat([negatives, positives], dim=1).sort(dim=1).values
 
 
-def text_conditioned_logits(pooling, image_tokens, text_features, text_indices, logit_scale, logit_bias):
+def text_conditioned_logits(pooling, keys_values, text_features, text_indices, logit_scale, logit_bias):
     """`(B, M)` logits of each image's pooled embedding conditioned on its `M` selected texts.
 
-    `pooling` is `FlairModel.text_conditioned_pooling`; `image_tokens` `(B, L, D)` projected patch tokens;
-    `text_features` `(N, D)` unnormalised text embeddings (the queries); `text_indices` `(B, M)` rows per image.
+    `pooling` is `FlairModel.text_conditioned_pooling`; `keys_values` its `project_keys_values(image_tokens)` for the
+    `B` images; `text_features` `(N, D)` unnormalised text embeddings (the queries); `text_indices` `(B, M)` rows.
     """
     queries = pooling.project_queries(text_features)[:, text_indices].transpose(0, 1)  # (B, heads, M, hd)
-    keys, values = pooling.project_keys_values(image_tokens)
-    pooled, _ = pooling.attend(queries, keys, values)
+    pooled, _ = pooling.attend(queries, *keys_values)
     texts = F.normalize(text_features, dim=-1)[text_indices]
     return logit_scale * (F.normalize(pooled, dim=-1) * texts).sum(-1) + logit_bias
+
+
+def owned_by_image(text_rows: torch.Tensor, captions_per_image: int, num_images: int) -> torch.Tensor:
+    """`(B, M)` mask: text row `text_rows[i, j]` (or `text_rows[0, j]`, broadcast) is a caption of image `i`."""
+    images = torch.arange(num_images, device=text_rows.device)[:, None]
+    return torch.div(text_rows, captions_per_image, rounding_mode="floor") == images
 
 
 def sigmoid_loss_sum(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -69,12 +74,11 @@ def text_conditioned_sigmoid_loss(
     remote_text_features=(), remote_text_indices=(),
 ):  # fmt: skip
     """TCS over the local `(B, B + K - 1)` grid plus negatives-only grids over other ranks' texts, divided by `B + K - 1`."""
-    logits = text_conditioned_logits(pooling, image_tokens, text_features, text_indices, logit_scale, logit_bias)
-    owners = torch.div(text_indices, captions_per_image, rounding_mode="floor")
-    positives = owners == torch.arange(logits.shape[0], device=logits.device)[:, None]
-    total = sigmoid_loss_sum(logits, positives)
+    keys_values = pooling.project_keys_values(image_tokens)  # once, for the local and every remote term
+    logits = text_conditioned_logits(pooling, keys_values, text_features, text_indices, logit_scale, logit_bias)
+    total = sigmoid_loss_sum(logits, owned_by_image(text_indices, captions_per_image, logits.shape[0]))
     for remote, indices in zip(remote_text_features, remote_text_indices, strict=True):
-        remote_logits = text_conditioned_logits(pooling, image_tokens, remote, indices.to(remote.device), logit_scale, logit_bias)
+        remote_logits = text_conditioned_logits(pooling, keys_values, remote, indices.to(remote.device), logit_scale, logit_bias)
         total = total + sigmoid_loss_sum(remote_logits, torch.zeros_like(remote_logits, dtype=torch.bool))
     return total / text_indices.shape[1]
 
@@ -82,9 +86,8 @@ def text_conditioned_sigmoid_loss(
 def multi_positive_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, captions_per_image):
     """MPS over the `(B, B * K)` global grid, divided by `B * K`."""
     logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t() + logit_bias
-    owners = torch.arange(text_features.shape[0], device=logits.device) // captions_per_image
-    positives = owners[None, :] == torch.arange(logits.shape[0], device=logits.device)[:, None]
-    return sigmoid_loss_sum(logits, positives) / text_features.shape[0]
+    rows = torch.arange(text_features.shape[0], device=logits.device)[None, :]
+    return sigmoid_loss_sum(logits, owned_by_image(rows, captions_per_image, logits.shape[0])) / text_features.shape[0]
 
 
 def flair_loss(

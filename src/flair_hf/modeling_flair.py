@@ -423,7 +423,12 @@ class FlairModel(FlairPreTrainedModel):
 
     def get_image_token_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
         """Projected patch tokens `(B, L, D)` (post-LayerNorm applied to each), the keys/values of the pooling head."""
-        return self.visual_projection(self.vision_model(pixel_values).last_hidden_state[:, 1:])
+        return self.get_image_and_token_features(pixel_values)[1]
+
+    def get_image_and_token_features(self, pixel_values: torch.FloatTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global image embeddings `(B, D)` and projected patch tokens `(B, L, D)` from one pass of the vision tower."""
+        hidden = self.vision_model(pixel_values).last_hidden_state
+        return self.visual_projection(hidden[:, 0]), self.visual_projection(hidden[:, 1:])
 
     def get_text_conditioned_image_features(
         self,
