@@ -48,46 +48,109 @@ def test_mismatched_caption_count_is_an_error(tiny_model, loss_reference):
                    r["logit_scale"], r["logit_bias"], captions_per_image=3)  # fmt: skip
 
 
-def test_two_process_loss_and_gradients_equal_single_process(tmp_path):
-    """2 gloo processes: per-rank losses and all gradients equal one process computing the same formula."""
+def reference_rank_loss(head, features, indices, rank, add_mps):
+    """The cross-rank formula for one rank, written out pair by pair (independent of `flair_hf.loss`)."""
+    import torch.nn.functional as F
+
+    from distributed_loss_probe import K, LOGIT_BIAS, LOGIT_SCALE
+
+    def sigmoid_sum(logits, labels):
+        return -F.logsigmoid(labels * logits).sum()
+
+    def tcs(texts, rows, positives):
+        total = 0
+        for i, image_rows in enumerate(rows):
+            pooled = head(texts[image_rows], features[rank]["image_tokens"][i : i + 1])[0][0]
+            logits = LOGIT_SCALE * F.cosine_similarity(pooled, texts[image_rows], dim=-1) + LOGIT_BIAS
+            labels = torch.tensor([1.0 if positives and row // K == i else -1.0 for row in image_rows.tolist()])
+            total = total + sigmoid_sum(logits, labels.double())
+        return total / rows.shape[1]
+
+    def mps(texts, positives):
+        logits = LOGIT_SCALE * F.cosine_similarity(features[rank]["image_features"][:, None], texts[None], dim=-1) + LOGIT_BIAS
+        labels = torch.tensor([[1.0 if positives and t // K == i else -1.0 for t in range(texts.shape[0])]
+                               for i in range(logits.shape[0])]).double()  # fmt: skip
+        return sigmoid_sum(logits, labels) / texts.shape[0]
+
+    def term(texts, rows, positives):
+        return (tcs(texts, rows, positives) + mps(texts, positives)) / 2 if add_mps else tcs(texts, rows, positives)
+
+    loss = term(features[rank]["text_features"], indices[rank], positives=True)
+    for other in range(len(features)):
+        if other != rank:
+            loss = loss + term(features[other]["text_features"], indices[other], positives=False)
+    return loss
+
+
+def run_probe(tmp_path, world_size, mps, port, uneven=False):
     import os
     import subprocess
     import sys
 
     from conftest import ROOT
-    from distributed_loss_probe import K, inputs_for_rank, pooling_head
-    from flair_hf.loss import flair_loss
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               str(ROOT / "tests" / "distributed_loss_probe.py"), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size), "--master_port",
+               str(port), str(ROOT / "tests" / "distributed_loss_probe.py"), str(tmp_path), mps]  # fmt: skip
+    command += ["uneven"] if uneven else []
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("world_size, mps, port", [(2, "mps", 29517), (3, "mps", 29518), (3, "no-mps", 29519)])
+def test_distributed_loss_and_gradients_equal_single_process_formula(tmp_path, world_size, mps, port):
+    """gloo ranks: per-rank losses and all gradients equal one process evaluating the cross-rank formula (1e-6 rel)."""
+    from distributed_loss_probe import inputs_for_rank, pooling_head
+
+    result = run_probe(tmp_path, world_size, mps, port)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
-    assert all(r["world_size"].item() == 2 for r in ranks)
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(world_size)]
+    assert all(r["world_size"].item() == world_size for r in ranks)
 
     head = pooling_head()
-    inputs = [inputs_for_rank(r, 2) for r in range(2)]
+    inputs = [inputs_for_rank(r) for r in range(world_size)]
     features = [{k: v.requires_grad_() for k, v in f.items()} for f, _ in inputs]
-    total = 0
-    for r in range(2):
-        loss = flair_loss(
-            head, features[r]["image_features"], features[r]["image_tokens"], features[r]["text_features"],
-            torch.tensor(10.0), torch.tensor(-5.0), K, remote_text_features=[features[1 - r]["text_features"]],
-            **inputs[r][1],
-        )  # fmt: skip
-        torch.testing.assert_close(loss.detach().reshape(1), ranks[r]["loss"])
-        total = total + loss
-    total.backward()
-    for r in range(2):
+    indices = [i for _, i in inputs]
+    losses = [reference_rank_loss(head, features, indices, r, mps == "mps") for r in range(world_size)]
+    sum(losses).backward()
+    for r in range(world_size):
+        torch.testing.assert_close(ranks[r]["loss"], losses[r].detach().reshape(1), rtol=1e-6, atol=0)
         for name, value in features[r].items():
-            torch.testing.assert_close(ranks[r][f"grad.{name}"], value.grad, atol=1e-6, rtol=1e-5)
+            expected = torch.zeros_like(value) if value.grad is None else value.grad
+            torch.testing.assert_close(ranks[r][f"grad.{name}"], expected, rtol=1e-6, atol=1e-12)
     for name, parameter in head.named_parameters():
-        summed = ranks[0][f"grad.pooling.{name}"] + ranks[1][f"grad.pooling.{name}"]
-        torch.testing.assert_close(summed, parameter.grad, atol=1e-6, rtol=1e-5)
-    # the cross-rank term matters: without it the loss differs
-    alone = flair_loss(head, *(features[0][k].detach() for k in ("image_features", "image_tokens", "text_features")),
-                       torch.tensor(10.0), torch.tensor(-5.0), K, text_indices=inputs[0][1]["text_indices"])  # fmt: skip
-    assert abs(alone.item() - ranks[0]["loss"].item()) > 1e-3
+        summed = sum(ranks[r][f"grad.pooling.{name}"] for r in range(world_size))
+        torch.testing.assert_close(summed, parameter.grad, rtol=1e-6, atol=1e-12)
+    # the cross-rank terms matter: the local loss alone is smaller by the remote negatives
+    from flair_hf.loss import flair_loss
+
+    detached = [features[0][k].detach() for k in ("image_features", "image_tokens", "text_features")]
+    alone = flair_loss(head, *detached, torch.tensor(10.0), torch.tensor(-5.0), 2, text_indices=indices[0], add_mps_loss=mps == "mps")
+    assert ranks[0]["loss"].item() - alone.item() > 1e-3
+
+
+def test_distributed_loss_uneven_batches_is_a_clear_error(tmp_path):
+    result = run_probe(tmp_path, 2, "mps", 29520, uneven=True)
+    assert result.returncode != 0
+    assert "needs the same batch size on every rank (rank 0: 3 images / 6 texts, rank 1: 2 images / 4 texts)" in result.stderr
+
+
+def test_remote_terms_follow_the_other_ranks_indices(tiny_model, loss_reference):
+    """A remote term is the other rank's TCS grid with all labels negative: swapping which rows it uses changes it."""
+    r = loss_reference
+    head, K = tiny_model.text_conditioned_pooling, 3
+    args = (r["image_features"], r["image_tokens"], r["text_features"], r["logit_scale"], torch.tensor(0.0), K)
+    with torch.no_grad():
+        local = flair_loss(head, *args, text_indices=r["selected_text_indices"])
+        remote_texts = r["text_features"].flip(0)
+        other_indices = sample_text_indices(4, K, torch.Generator().manual_seed(3))[1]
+        with_remote = [
+            flair_loss(head, *args, text_indices=r["selected_text_indices"], remote_text_features=[remote_texts],
+                       remote_text_indices=[indices])  # fmt: skip
+            for indices in (r["selected_text_indices"], other_indices)
+        ]
+    assert all(loss > local for loss in with_remote)
+    assert abs(with_remote[0] - with_remote[1]) > 1e-2
+    with pytest.raises(ValueError, match="per-rank batch sizes must be equal"):
+        flair_loss(head, *args, remote_text_features=[remote_texts[:9]], remote_text_indices=[other_indices])
 
 
 def test_model_forward_return_loss_equals_flair_loss(tiny_model, tiny_reference):

@@ -3,13 +3,19 @@
 For a batch of `B` images with `K` captions each (caption `k` of image `i` at row `i*K + k` of the text features):
 
 - TCS scores every image against its own `K` captions and one random caption of every other image (`B + K - 1`
-  texts), each through the text-conditioned pooling head, with sigmoid labels (+1 own, -1 other); the sum over that
-  `(B, B + K - 1)` grid is divided by `B + K - 1`.
+  texts, `text_indices` `(B, B + K - 1)`), each through the text-conditioned pooling head, with sigmoid labels
+  (+1 own, -1 other); the sum over that grid is divided by `B + K - 1`.
 - MPS scores the global image embeddings against all `B * K` texts (+1 for the image's own `K`); the sum over the
   `(B, B * K)` grid is divided by `B * K`.
 - With MPS, the loss is `(TCS + MPS) / 2`.
-- Across ranks (`distributed_flair_loss`), every other rank's texts add a negatives-only TCS term (one random caption
-  of each remote image per local image) to the TCS sum, still divided by the local `B + K - 1`; MPS stays local.
+
+Across ranks (`distributed_flair_loss`), as the original's ring: rank `r`'s loss is its local loss plus, for every
+other rank `s`, a negatives-only term over rank `s`'s texts:
+
+- TCS part: local image `i` is pooled with, and scored against, the `B + K - 1` texts that rank `s`'s image `i` was
+  scored against (row `i` of rank `s`'s `text_indices` applied to rank `s`'s texts), divided by `B + K - 1`;
+- MPS part (with MPS): the local global image embeddings against all `B * K` texts of rank `s`, divided by `B * K`;
+- with MPS the term is `(TCS part + MPS part) / 2`, else the TCS part.
 
 `logit_scale` is passed already exponentiated, as in the original.
 """
@@ -51,43 +57,62 @@ def text_conditioned_logits(pooling, keys_values, text_features, text_indices, l
     return logit_scale * (F.normalize(pooled, dim=-1) * texts).sum(-1) + logit_bias
 
 
+def global_logits(image_features, text_features, logit_scale, logit_bias):
+    """`(B, N)` CLIP-style logits of the global image embeddings against all texts, with the bias."""
+    return logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t() + logit_bias
+
+
 def owned_by_image(text_rows: torch.Tensor, captions_per_image: int, num_images: int) -> torch.Tensor:
     """`(B, M)` mask: text row `text_rows[i, j]` (or `text_rows[0, j]`, broadcast) is a caption of image `i`."""
     images = torch.arange(num_images, device=text_rows.device)[:, None]
     return torch.div(text_rows, captions_per_image, rounding_mode="floor") == images
 
 
-def sigmoid_loss_sum(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """`sum(-logsigmoid(label * logit))` with labels +1 where `positives`, else -1."""
+def sigmoid_loss_sum(logits: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """`sum(-logsigmoid(label * logit))` with labels +1 where `positives`, else -1 (all -1 when `positives` is None)."""
+    if positives is None:
+        return -F.logsigmoid(-logits).sum()
     labels = positives.to(logits.dtype) * 2 - 1
     return -F.logsigmoid(labels * logits).sum()
 
 
-def sample_remote_text_indices(num_images: int, num_remote_images: int, captions_per_image: int, generator=None):
-    """Per local image, one random caption row of every image of another rank's batch: `(B, B_remote)`."""
-    offsets = torch.randint(0, captions_per_image, (num_images, num_remote_images), generator=generator)
-    return torch.arange(num_remote_images) * captions_per_image + offsets
-
-
-def text_conditioned_sigmoid_loss(
-    pooling, image_tokens, text_features, text_indices, logit_scale, logit_bias, captions_per_image,
-    remote_text_features=(), remote_text_indices=(),
-):  # fmt: skip
-    """TCS over the local `(B, B + K - 1)` grid plus negatives-only grids over other ranks' texts, divided by `B + K - 1`."""
-    keys_values = pooling.project_keys_values(image_tokens)  # once, for the local and every remote term
+def text_conditioned_sigmoid_loss(pooling, keys_values, text_features, text_indices, logit_scale, logit_bias, captions_per_image):
+    """TCS over the local `(B, B + K - 1)` grid, divided by `B + K - 1`."""
     logits = text_conditioned_logits(pooling, keys_values, text_features, text_indices, logit_scale, logit_bias)
-    total = sigmoid_loss_sum(logits, owned_by_image(text_indices, captions_per_image, logits.shape[0]))
-    for remote, indices in zip(remote_text_features, remote_text_indices, strict=True):
-        remote_logits = text_conditioned_logits(pooling, keys_values, remote, indices.to(remote.device), logit_scale, logit_bias)
-        total = total + sigmoid_loss_sum(remote_logits, torch.zeros_like(remote_logits, dtype=torch.bool))
-    return total / text_indices.shape[1]
+    return sigmoid_loss_sum(logits, owned_by_image(text_indices, captions_per_image, logits.shape[0])) / logits.shape[1]
 
 
 def multi_positive_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, captions_per_image):
     """MPS over the `(B, B * K)` global grid, divided by `B * K`."""
-    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t() + logit_bias
+    logits = global_logits(image_features, text_features, logit_scale, logit_bias)
     rows = torch.arange(text_features.shape[0], device=logits.device)[None, :]
     return sigmoid_loss_sum(logits, owned_by_image(rows, captions_per_image, logits.shape[0])) / text_features.shape[0]
+
+
+def remote_negatives_loss(pooling, keys_values, image_features, remote_text_features, remote_text_indices, logit_scale, logit_bias, add_mps_loss):
+    """One other rank's negatives-only term: TCS over that rank's `text_indices` rows (row `i` for local image `i`),
+    plus with MPS the global grid against all its texts, each part normalised as locally."""
+    logits = text_conditioned_logits(pooling, keys_values, remote_text_features, remote_text_indices, logit_scale, logit_bias)
+    loss = sigmoid_loss_sum(logits) / logits.shape[1]
+    if add_mps_loss:
+        mps = sigmoid_loss_sum(global_logits(image_features, remote_text_features, logit_scale, logit_bias))
+        loss = (loss + mps / remote_text_features.shape[0]) / 2
+    return loss
+
+
+def check_batch_shapes(batch_size: int, captions_per_image: int, text_features, text_indices, source: str = "") -> None:
+    """Raise a clear error unless `text_features` has `B * K` rows and `text_indices` is `(B, B + K - 1)`."""
+    K = captions_per_image
+    if text_features.shape[0] != batch_size * K:
+        raise ValueError(
+            f"expected {K} captions per image{source}: {batch_size} images need {batch_size * K} text rows, "
+            f"got {text_features.shape[0]}"
+        )
+    if text_indices is not None and tuple(text_indices.shape) != (batch_size, batch_size + K - 1):
+        raise ValueError(
+            f"text_indices{source} must be ({batch_size}, {batch_size + K - 1}) for {batch_size} images with {K} "
+            f"captions each, got {tuple(text_indices.shape)}"
+        )
 
 
 def flair_loss(
@@ -102,60 +127,93 @@ def flair_loss(
     add_mps_loss: bool = True,
     generator: torch.Generator | None = None,
     remote_text_features=(),
-    remote_text_indices=None,
+    remote_text_indices=(),
 ) -> torch.Tensor:
-    """The FLAIR loss for one process's batch.
+    """The FLAIR loss for one process's batch: the local loss plus one negatives-only term per other rank.
 
-    `remote_text_features` are other ranks' text features (with gradients, see `distributed_flair_loss`): each adds a
-    negatives-only TCS term (one random caption of every remote image per local image). Negatives are sampled with
-    `generator` unless `text_indices` / `remote_text_indices` are given.
+    `remote_text_features` are other ranks' text features (with gradients, see `distributed_flair_loss`) and
+    `remote_text_indices` those ranks' own `text_indices`, in the same order; every rank has the same `B` and `K`.
+    Local negatives are sampled with `generator` unless `text_indices` is given.
     """
     batch_size, K = image_features.shape[0], captions_per_image
-    if text_features.shape[0] != batch_size * K:
+    check_batch_shapes(batch_size, K, text_features, text_indices)
+    if len(remote_text_features) != len(remote_text_indices):
         raise ValueError(
-            f"expected {K} captions per image: {batch_size} images need {batch_size * K} text rows, "
-            f"got {text_features.shape[0]}"
+            f"got {len(remote_text_features)} remote text feature sets but {len(remote_text_indices)} remote "
+            "text_indices: pass each other rank's own text_indices with its texts"
         )
+    for features, indices in zip(remote_text_features, remote_text_indices):
+        check_batch_shapes(batch_size, K, features, indices, " of another rank (per-rank batch sizes must be equal)")
     if text_indices is None:
         text_indices = sample_text_indices(batch_size, K, generator)[1]
-    if remote_text_indices is None:
-        remote_text_indices = [sample_remote_text_indices(batch_size, r.shape[0] // K, K, generator) for r in remote_text_features]
-    loss = text_conditioned_sigmoid_loss(
-        pooling, image_tokens, text_features, text_indices.to(text_features.device), logit_scale, logit_bias, K,
-        remote_text_features, remote_text_indices,
-    )  # fmt: skip
+    keys_values = pooling.project_keys_values(image_tokens)  # once, for the local and every remote term
+    device = text_features.device
+    loss = text_conditioned_sigmoid_loss(pooling, keys_values, text_features, text_indices.to(device), logit_scale, logit_bias, K)
     if add_mps_loss:
         loss = (loss + multi_positive_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, K)) / 2
+    for features, indices in zip(remote_text_features, remote_text_indices):
+        loss = loss + remote_negatives_loss(
+            pooling, keys_values, image_features, features, indices.to(features.device), logit_scale, logit_bias, add_mps_loss
+        )
     return loss
 
 
-def distributed_flair_loss(pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, captions_per_image, **kwargs):
-    """`flair_loss` with every other rank's texts as extra negatives.
+def distributed_flair_loss(
+    pooling,
+    image_features,
+    image_tokens,
+    text_features,
+    logit_scale,
+    logit_bias,
+    captions_per_image,
+    text_indices: torch.Tensor | None = None,
+    add_mps_loss: bool = True,
+    generator: torch.Generator | None = None,
+):
+    """`flair_loss` with every other rank's texts, scored through that rank's own `text_indices`, as negatives.
 
-    Equivalent to the original's ring exchange: text features are all-gathered *with gradients*
-    (`torch.distributed.nn.functional.all_gather`, whose backward sums each rank's gradient contributions back to the
-    rank that owns the texts), so the gradients of the mean loss over ranks equal the single-process computation of
-    the same formula. Without an initialised process group (or with one rank) this is `flair_loss`.
+    Each rank samples (or is given) its own `text_indices`; they are all-gathered (integers) together with the text
+    features, which are gathered *with gradients* (an autograd all-gather whose backward reduce-scatters each rank's
+    contributions back to the rank that owns the texts), so the gradients of the summed per-rank losses
+    equal a single-process computation of the same formula; every other rank contributes exactly once, as in the
+    original's bidirectional ring. Per-rank batch sizes must be equal. Without an initialised process group (or with
+    one rank) this is `flair_loss`.
     """
     import torch.distributed as dist
 
+    batch_size, K = image_features.shape[0], captions_per_image
+    if text_indices is None:
+        text_indices = sample_text_indices(batch_size, K, generator)[1]
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flair_loss(pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, captions_per_image, **kwargs)
-    from torch.distributed.nn.functional import all_gather
+        return flair_loss(pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, K, text_indices, add_mps_loss)
+    from torch.distributed import _functional_collectives as collectives
 
-    gathered = all_gather(text_features)
-    remote = [texts for rank, texts in enumerate(gathered) if rank != dist.get_rank()]
+    # autograd-aware all-gather (backward: reduce-scatter); renamed in recent torch releases
+    all_gather_autograd = getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
+    device, world_size, rank = text_features.device, dist.get_world_size(), dist.get_rank()
+    shapes = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(world_size)]
+    dist.all_gather(shapes, torch.tensor([batch_size, text_features.shape[0]], device=device))
+    if any(shape.tolist() != shapes[rank].tolist() for shape in shapes):
+        sizes = ", ".join(f"rank {r}: {s[0]} images / {s[1]} texts" for r, s in enumerate(shapes))
+        raise ValueError(f"the cross-rank FLAIR loss needs the same batch size on every rank ({sizes}): drop the last uneven batch")
+    check_batch_shapes(batch_size, K, text_features, text_indices)
+    gathered_indices = [torch.empty_like(text_indices, device=device) for _ in range(world_size)]
+    dist.all_gather(gathered_indices, text_indices.to(device))
+    gathered_texts = all_gather_autograd(text_features, gather_dim=0, group=dist.group.WORLD).chunk(world_size)
+    others = [s for s in range(world_size) if s != rank]
     return flair_loss(
-        pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, captions_per_image,
-        remote_text_features=remote, **kwargs,
+        pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, K, text_indices, add_mps_loss,
+        remote_text_features=[gathered_texts[s] for s in others],
+        remote_text_indices=[gathered_indices[s] for s in others],
     )  # fmt: skip
 
 
 __all__ = [
     "distributed_flair_loss",
     "flair_loss",
-    "sample_remote_text_indices",
+    "global_logits",
     "multi_positive_sigmoid_loss",
+    "remote_negatives_loss",
     "sample_text_indices",
     "text_conditioned_logits",
     "text_conditioned_sigmoid_loss",
