@@ -13,6 +13,8 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import evaluate_retrieval  # noqa: E402
 
+from flair_hf.evaluation import flatten_captions, retrieval_metrics  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
@@ -38,12 +40,12 @@ def test_flair_mode_end_to_end_matches_direct_model_scores(tiny_dir, tiny_model,
     from flair_hf.retrieval_data import load_benchmark
 
     dataset = load_benchmark("coco", data_root)
-    captions, text_to_image = evaluate_retrieval.flatten_captions(dataset)
+    captions, text_to_image = flatten_captions(dataset)
     processor = FlairProcessor.from_pretrained(tiny_dir)
     inputs = processor(text=captions, images=list(dataset["image"]))
     with torch.no_grad():
         logits = tiny_model.get_logits(inputs["input_ids"], inputs["pixel_values"])[1].numpy()
-    expected = evaluate_retrieval._load_metric_module().retrieval_metrics(logits, text_to_image)
+    expected = retrieval_metrics(logits, text_to_image)
     for key, value in expected.items():
         assert coco["metrics"][key] == pytest.approx(value), key
     table = capsys.readouterr().out
@@ -76,6 +78,6 @@ def test_missing_data_root_is_a_usage_error(tiny_dir):
 
 def test_flatten_captions_orders_by_caption_id():
     dataset = {"captions": [["b", "d"], ["a", "c"]], "caption_ids": [[1, 3], [0, 2]]}
-    captions, owners = evaluate_retrieval.flatten_captions(dataset)
+    captions, owners = flatten_captions(dataset)
     assert captions == ["a", "b", "c", "d"] and owners.tolist() == [1, 0, 1, 0]
     assert isinstance(owners, np.ndarray)

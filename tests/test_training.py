@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT
+from benchmark_layouts import build_data_root
+from conftest import FIXTURES, ROOT
 from shards import write_shard
 
 TRAIN = str(ROOT / "training" / "train.py")
@@ -36,6 +37,7 @@ def data(tmp_path_factory):
         ["a red square", "bright", "on white", "a blue circle", "small", "centered"], padding="max_length", max_length=77, return_tensors="pt"
     )["input_ids"]
     save_file({"pixel_values": torch.randn(2, 3, 32, 32, generator=generator), "input_ids": ids}, root / "eval_batch.safetensors")
+    build_data_root(root / "benchmarks")
     return root
 
 
@@ -65,12 +67,48 @@ def summary(output):
     return json.loads((output / "summary.json").read_text())
 
 
+def eval_records(output):
+    return [json.loads(line) for line in (output / "eval.jsonl").read_text().splitlines()]
+
+
+def eval_args(data, every):
+    return ["--eval-benchmarks", "coco,flickr30k", "--eval-data-root", str(data / "benchmarks"), "--eval-every-steps", str(every)]
+
+
+def assert_export_runs_with_its_processor(export_dir):
+    """AutoModel + AutoProcessor on an exported directory score a real image (processor matches the model's size)."""
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    import flair_hf  # noqa: F401  (registers the Auto classes)
+
+    model, processor = AutoModel.from_pretrained(export_dir).eval(), AutoProcessor.from_pretrained(export_dir)
+    size = model.config.vision_config.image_size
+    inputs = processor(text=["a puppy", "a door"], images=Image.open(FIXTURES / "images" / "puppy.jpg"))
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, size, size)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits_per_image).all()
+
+
+def assert_eval_equals_cli(output, data, tmp_path):
+    """The last in-training evaluation equals the single-process retrieval CLI on the exported checkpoint."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import evaluate_retrieval
+
+    cli = evaluate_retrieval.main(["--model", str(output / "final"), "--benchmark", "coco", "--benchmark", "flickr30k",
+                                   "--data-root", str(data / "benchmarks"), "--output", str(tmp_path / "cli.json")])  # fmt: skip
+    last = {record["benchmark"]: record for record in eval_records(output) if record["step"] == summary(output)["steps"]}
+    for result in cli:
+        assert last[result["benchmark"]]["metrics"] == result["metrics"], result["benchmark"]
+
+
 def test_single_process_training_lowers_the_loss_on_a_fixed_batch(data, tmp_path):
     run([sys.executable] + train_args(data, tmp_path / "run", "--max-steps", "8", "--lr", "0.003"))
     result = summary(tmp_path / "run")
     assert result["world_size"] == 1 and result["steps"] == 8
     assert result["eval_loss"] < result["initial_eval_loss"] - 0.5, result
     assert len(losses(tmp_path / "run")) == 8
+    assert_export_runs_with_its_processor(tmp_path / "run" / "final")
 
 
 def test_accumulation_checkpointing_and_tensorboard_logging(data, tmp_path):
@@ -78,26 +116,37 @@ def test_accumulation_checkpointing_and_tensorboard_logging(data, tmp_path):
 
     model_config = {**yaml.safe_load(open(TINY))["model_config"], "logit_scale_init_value": 5.0}  # exp(5) > 100
     extra = ["--max-steps", "2", "--gradient-accumulation-steps", "2", "--gradient-checkpointing", "true",
-             "--report-to", "tensorboard", "--checkpoint-every", "2", "--model-config", json.dumps(model_config)]  # fmt: skip
+             "--report-to", "tensorboard", "--checkpoint-every", "2", "--model-config", json.dumps(model_config),
+             *eval_args(data, 1)]  # fmt: skip
     run([sys.executable] + train_args(data, tmp_path / "run", *extra))
     assert summary(tmp_path / "run")["steps"] == 2 and len(losses(tmp_path / "run")) == 2
-    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    events = list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"loss", "eval/coco/text_to_image_R@1", "eval/flickr30k/image_to_text_R@10"} <= set(tags), tags
+    assert [(r["step"], r["benchmark"]) for r in eval_records(tmp_path / "run")] == [
+        (1, "coco"), (1, "flickr30k"), (2, "coco"), (2, "flickr30k")
+    ]
     step = json.loads((tmp_path / "run" / "losses.jsonl").read_text().splitlines()[-1])
     assert {"lr", "logit_scale", "logit_bias", "samples_per_second_per_device", "data_wait_seconds"} <= set(step)
     assert step["logit_scale"] <= 100.0 + 1e-3  # clamped to ln 100 after each step
 
 
 def test_ddp_on_cpu_really_uses_two_processes(data, tmp_path):
-    launch("ddp_cpu.yaml", train_args(data, tmp_path / "ddp", "--max-steps", "2"))
+    launch("ddp_cpu.yaml", train_args(data, tmp_path / "ddp", "--max-steps", "2", *eval_args(data, 5)))
     result = summary(tmp_path / "ddp")
     assert result["distributed_type"] == "DistributedType.MULTI_CPU" and result["world_size"] == 2
+    assert [r["step"] for r in eval_records(tmp_path / "ddp")] == [2, 2]  # only at the end
+    assert_eval_equals_cli(tmp_path / "ddp", data, tmp_path)
 
 
 @pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
 def test_fsdp2_resume_equals_uninterrupted_run_and_export_loads(data, tmp_path, state_dict_type):
     options = {"launch_args": ["--fsdp_state_dict_type", state_dict_type]}
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    launch("fsdp2.yaml", train_args(data, whole, "--max-steps", "6", "--checkpoint-every", "3"), **options)
+    launch("fsdp2.yaml", train_args(data, whole, "--max-steps", "6", "--checkpoint-every", "3", *eval_args(data, 3)), **options)
     sharded = (whole / "checkpoints" / "step_3" / "pytorch_model_fsdp_0").is_dir()
     assert sharded == (state_dict_type == "SHARDED_STATE_DICT"), sorted(p.name for p in (whole / "checkpoints" / "step_3").iterdir())
     result = summary(whole)
@@ -110,6 +159,9 @@ def test_fsdp2_resume_equals_uninterrupted_run_and_export_loads(data, tmp_path, 
     assert remote_code_eval_loss(result["export_dir"], data / "eval_batch.safetensors", tmp_path) == pytest.approx(
         result["eval_loss"], abs=1e-5
     )
+    assert [r["step"] for r in eval_records(whole)] == [3, 3, 6, 6]
+    assert_eval_equals_cli(whole, data, tmp_path)
+    assert_export_runs_with_its_processor(whole / "final")
 
 
 REMOTE_EVAL = """
@@ -169,8 +221,38 @@ def test_starts_from_a_clip_checkpoint_in_hf_format(tmp_path):
         if name in clip_state and name != "logit_scale":
             assert torch.equal(value, clip_state[name]), name
     assert model.logit_scale.shape == (1,) and model.logit_bias.item() == -10.0
-    assert type(build_processor(TrainConfig(model=str(tmp_path / "clip")))).__name__ == "FlairProcessor"
+    assert type(build_processor(TrainConfig(model=str(tmp_path / "clip")), model)).__name__ == "FlairProcessor"
     decay, no_decay = parameter_groups(model, 0.5)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("embedding" not in names[id(p)] and "bias" not in names[id(p)] for p in decay["params"])
     assert any(names[id(p)] == "logit_scale" for p in no_decay["params"])
+
+
+def test_resume_keeps_the_schedule_and_says_when_finished(data, tmp_path):
+    output = tmp_path / "run"
+    run([sys.executable] + train_args(data, output, "--max-steps", "2", "--checkpoint-every", "2", "--warmup-steps", "0"))
+    lr_at_end = json.loads((output / "losses.jsonl").read_text().splitlines()[-1])["lr"]
+    assert lr_at_end == 0.0
+    finished = run([sys.executable] + train_args(data, output, "--max-steps", "2", "--resume", "latest"))
+    assert "this run is already finished (2 of 2 steps): nothing to train" in finished.stdout
+    longer = subprocess.run([sys.executable] + train_args(data, output, "--max-steps", "4", "--resume", "latest"),
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert longer.returncode != 0
+    assert "the checkpoint's LR schedule ends at step 2 but --max-steps / --epochs now give 4 steps" in longer.stderr
+    rebuilt = run([sys.executable] + train_args(data, output, "--max-steps", "4", "--resume", "latest", "--reset-schedule", "true"))
+    assert "LR schedule rebuilt for 4 steps (was 2)" in rebuilt.stdout
+    assert summary(output)["steps"] == 4 and len(losses(output)) == 4
+
+
+def test_help_lists_every_option_with_help_and_default():
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "training"))
+    from train import TrainConfig
+
+    text = run([sys.executable, TRAIN, "--help"]).stdout
+    for item in dataclasses.fields(TrainConfig):
+        assert item.metadata["help"]
+    help_text = " ".join(text.split())
+    assert "--max-steps MAX_STEPS optimizer steps in total (default: epochs x steps per epoch) --batch-size" in help_text
+    assert "--lr LR peak learning rate (default: 0.0005)" in help_text

@@ -32,56 +32,76 @@ from flair_hf.captions import DREAMLIP_KEYS  # noqa: E402
 MAX_LOGIT_SCALE = math.log(100)
 
 
+def option(default, help: str):
+    """A `TrainConfig` field with its `--help` line (list and dict defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    # data: webdataset shards ("a-{0000..0575}.tar::b-{0..9}.tar", optional "0.7::0.3" weights) or a datasets dataset
-    train_data: str | None = None
-    train_data_weights: str | None = None
-    dataset_name: str | None = None
-    dataset_split: str = "train"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    caption_keys: list = field(default_factory=lambda: list(DREAMLIP_KEYS))
-    train_num_samples: int | None = None  # samples per epoch (needed for shards; default: the dataset's length)
-    captions_per_image: int = 8
-    max_merged: int = 3
-    shuffle_buffer: int = 1000
-    workers: int = 2
-    image_size: int = 224
+    # data
+    train_data: str | None = option(None, 'webdataset shards: paths or brace patterns, sources joined by "::"')
+    train_data_weights: str | None = option(None, 'source weights "w1::w2" (shards resampled in proportion)')
+    dataset_name: str | None = option(None, "a datasets dataset (Hub id or local directory) instead of shards")
+    dataset_split: str = option("train", "split of --dataset-name")
+    image_column: str = option("image", "image column of --dataset-name")
+    caption_column: str = option("caption", "caption column of --dataset-name")
+    caption_keys: list = option(list(DREAMLIP_KEYS), "caption fields read from each sample's .json")
+    train_num_samples: int | None = option(None, "samples per epoch (needed for shards; default: the dataset's length)")
+    captions_per_image: int = option(8, "K: sub-captions sampled per image")
+    max_merged: int = option(3, "most sentences merged into one sub-caption")
+    shuffle_buffer: int = option(1000, "samples in the shuffle buffer")
+    workers: int = option(2, "DataLoader workers per process")
+    image_size: int | None = option(None, "training crop size (default: the model's vision image_size)")
     # model
-    model: str | None = None  # FLAIR or CLIP directory / Hub id in HF format; None: from scratch with model_config
-    model_config: dict = field(default_factory=dict)
-    gradient_checkpointing: bool = False
-    add_mps_loss: bool = True
+    model: str | None = option(None, "FLAIR or CLIP checkpoint (directory or Hub id, HF format); none: from scratch")
+    model_config: dict = option({}, "FlairConfig fields for a model from scratch")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+    add_mps_loss: bool = option(True, "add the multi-positive sigmoid loss")
     # optimisation (the paper's CC3M-recap recipe)
-    epochs: int = 32
-    max_steps: int | None = None
-    batch_size: int = 128  # per device
-    gradient_accumulation_steps: int = 1
-    lr: float = 5e-4
-    warmup_steps: int = 2000
-    weight_decay: float = 0.5
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-8
-    mixed_precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or no / bf16 / fp16
-    seed: int = 0
+    epochs: int = option(32, "epochs (ignored when --max-steps is set)")
+    max_steps: int | None = option(None, "optimizer steps in total (default: epochs x steps per epoch)")
+    batch_size: int = option(128, "images per device per step")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(5e-4, "peak learning rate")
+    warmup_steps: int = option(2000, "linear warmup steps before the cosine decay")
+    reset_schedule: bool = option(False, "on resume, rebuild the LR schedule for a changed --max-steps / --epochs")
+    weight_decay: float = option(0.5, "AdamW weight decay (not on gains, biases, embeddings, logit parameters)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.98, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    mixed_precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), no, bf16 or fp16")
+    seed: int = option(0, "seed for data order, sub-caption and negative sampling")
     # checkpoints, logging, export
-    output_dir: str = "runs/flair"
-    checkpoint_every: int = 1000
-    resume: str | None = None  # "latest" or a checkpoint directory
-    log_every: int = 10
-    report_to: str = "tensorboard"  # tensorboard, wandb, all or none
-    export_dir: str | None = None  # default: OUTPUT_DIR/final
-    eval_batch: str | None = None  # safetensors with pixel_values/input_ids: loss after training -> eval_loss.json
+    output_dir: str = option("runs/flair", "checkpoints, logs, losses.jsonl, eval.jsonl and the final model")
+    checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps (and at the end)")
+    resume: str | None = option(None, '"latest" or a checkpoint directory')
+    log_every: int = option(10, "send metrics to the trackers every N steps")
+    report_to: str = option("tensorboard", "tensorboard, wandb, all or none")
+    export_dir: str | None = option(None, "where the final model goes (default: OUTPUT_DIR/final)")
+    eval_batch: str | None = option(None, "safetensors with pixel_values/input_ids: loss before and after training")
+    # zero-shot retrieval during training (flair_hf.evaluation, as benchmarks/evaluate_retrieval.py)
+    eval_benchmarks: list = option([], 'retrieval benchmarks, e.g. "coco,flickr30k" (see flair_hf.retrieval_data)')
+    eval_data_root: str | None = option(None, "root of the benchmarks' original layouts")
+    eval_every_steps: int | None = option(None, "evaluate every N steps (always at the end when benchmarks are given)")
+    eval_mode: str = option("flair", "retrieval scoring: flair, topk or global")
+    eval_batch_size: int = option(64, "images / texts per encoding batch")
 
 
 def load_config(argv=None) -> TrainConfig:
     """YAML `--config` first, then `--field value` overrides (YAML syntax for values: lists, dicts, null)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with TrainConfig fields")
+    parser.add_argument("--config", help="YAML file with TrainConfig fields (command-line options override it)")
+    defaults = TrainConfig()
     for item in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, type=yaml.safe_load, default=argparse.SUPPRESS)
+        help_text = item.metadata["help"]
+        if "default" not in help_text:
+            help_text += f" (default: {getattr(defaults, item.name)!r})"
+        parser.add_argument(
+            f"--{item.name.replace('_', '-')}", dest=item.name, type=yaml.safe_load, default=argparse.SUPPRESS, help=help_text.replace("%", "%%")
+        )
     args = vars(parser.parse_args(argv))
     values = yaml.safe_load(Path(args.pop("config")).read_text()) if args.get("config") else {}
     args.pop("config", None)
@@ -145,13 +165,16 @@ def build_model(config: TrainConfig) -> FlairModel:
     return model
 
 
-def build_processor(config: TrainConfig) -> FlairProcessor:
+def build_processor(config: TrainConfig, model: FlairModel) -> FlairProcessor:
+    """The checkpoint's processor, or FLAIR's own tokenizer and image processor at the model's image size."""
     if config.model is not None:
         try:
             return FlairProcessor.from_pretrained(config.model)
         except (OSError, ValueError, TypeError):
             pass  # a CLIP checkpoint: use FLAIR's own tokenizer and image processor
-    return FlairProcessor(FlairImageProcessor(), FlairTokenizer.from_bpe_vocab())
+    size = model.config.vision_config.image_size
+    image_processor = FlairImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return FlairProcessor(image_processor, FlairTokenizer.from_bpe_vocab())
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
@@ -165,10 +188,10 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_stream(config: TrainConfig, rank: int, world_size: int) -> FlairTrainingStream:
+def build_stream(config: TrainConfig, rank: int, world_size: int, image_size: int) -> FlairTrainingStream:
     common = dict(
         captions_per_image=config.captions_per_image, max_merged=config.max_merged, caption_keys=tuple(config.caption_keys),
-        shuffle_buffer=config.shuffle_buffer, seed=config.seed, rank=rank, world_size=world_size, image_size=config.image_size,
+        shuffle_buffer=config.shuffle_buffer, seed=config.seed, rank=rank, world_size=world_size, image_size=image_size,
     )  # fmt: skip
     if config.train_data:
         return FlairTrainingStream(parse_sources(config.train_data, config.train_data_weights), **common)
@@ -230,6 +253,70 @@ def evaluate_loss(model, config: TrainConfig, device) -> float:
     return output.loss.item()
 
 
+def load_eval_benchmarks(config: TrainConfig) -> list:
+    """`[(name, dataset)]` for `--eval-benchmarks` (a list or "a,b"), checked before training starts."""
+    from flair_hf.evaluation import MODES
+    from flair_hf.retrieval_data import LAYOUTS, load_benchmark
+
+    names = config.eval_benchmarks.split(",") if isinstance(config.eval_benchmarks, str) else list(config.eval_benchmarks)
+    names = list(dict.fromkeys(name.strip() for name in names if name.strip()))
+    if not names:
+        return []
+    unknown = [name for name in names if name not in LAYOUTS]
+    if unknown:
+        raise SystemExit(f"unknown --eval-benchmarks {', '.join(unknown)}: choose from {', '.join(LAYOUTS)}")
+    if not config.eval_data_root:
+        raise SystemExit("--eval-benchmarks needs --eval-data-root (the benchmarks' original layouts)")
+    if config.eval_mode not in MODES:
+        raise SystemExit(f"--eval-mode {config.eval_mode!r}: choose from {', '.join(MODES)}")
+    return [(name, load_benchmark(name, config.eval_data_root)) for name in names]
+
+
+def evaluate_during_training(accelerator, model, processor, benchmarks, config: TrainConfig, step: int, output_dir: Path) -> dict:
+    """Zero-shot retrieval of the current weights, split across ranks; R@1/5/10 to the trackers and eval.jsonl."""
+    from flair_hf.evaluation import evaluate_retrieval
+
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    logged = {}
+    for name, dataset in benchmarks:
+        result = evaluate_retrieval(
+            accelerator.unwrap_model(model), processor, dataset, config.eval_mode, batch_size=config.eval_batch_size,
+            device=accelerator.device, autocast_dtype=autocast_dtype, progress=False,
+        )  # fmt: skip
+        metrics = result["metrics"]
+        logged.update({f"eval/{name}/{key}": value for key, value in metrics.items() if "_R@" in key})
+        if accelerator.is_main_process:
+            record = {"step": step, "benchmark": name, "mode": config.eval_mode, **result}
+            with (output_dir / "eval.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        accelerator.print(
+            f"step {step} {name} ({config.eval_mode}): text->image R@1 {metrics['text_to_image_R@1']:.1f}, "
+            f"image->text R@1 {metrics['image_to_text_R@1']:.1f}"
+        )
+    if config.report_to != "none":
+        accelerator.log(logged, step=step)
+    return logged
+
+
+def schedule_length(checkpoint_state: dict | None, total_steps: int, config: TrainConfig, print_fn) -> int:
+    """Steps of the LR schedule: a resumed run keeps its checkpoint's schedule unless `--reset-schedule true`."""
+    if checkpoint_state is None or "schedule_steps" not in checkpoint_state:
+        return total_steps
+    saved, step = checkpoint_state["schedule_steps"], checkpoint_state["step"]
+    if saved == total_steps:
+        return total_steps
+    if config.reset_schedule:
+        print_fn(f"warning: LR schedule rebuilt for {total_steps} steps (was {saved}); the LR changes abruptly at step {step}")
+        return total_steps
+    if total_steps > saved:
+        raise SystemExit(
+            f"the checkpoint's LR schedule ends at step {saved} but --max-steps / --epochs now give {total_steps} steps: "
+            "pass --reset-schedule true to rebuild the schedule (the LR jumps at the resumed step), or keep the old length"
+        )
+    print_fn(f"warning: stopping at step {total_steps}, before the checkpoint's LR schedule ends ({saved}); it is kept")
+    return saved
+
+
 def train(config: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -242,6 +329,7 @@ def train(config: TrainConfig) -> dict:
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     report_to = None if config.report_to == "none" else config.report_to
     check_trackers(report_to)
+    eval_benchmarks = load_eval_benchmarks(config)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -252,8 +340,9 @@ def train(config: TrainConfig) -> dict:
     set_seed(config.seed, device_specific=True)
     rank, world_size = accelerator.process_index, accelerator.num_processes
 
-    model, processor = build_model(config), build_processor(config)
-    stream = build_stream(config, rank, world_size)
+    model = build_model(config)
+    processor = build_processor(config, model)
+    stream = build_stream(config, rank, world_size, config.image_size or model.config.vision_config.image_size)
     # the loader gets its own generator so that creating it does not advance the global RNG (negative sampling),
     # which keeps a resumed run identical to an uninterrupted one
     loader = torch.utils.data.DataLoader(
@@ -262,31 +351,36 @@ def train(config: TrainConfig) -> dict:
     )  # fmt: skip
     per_epoch = steps_per_epoch(config, stream, world_size)
     total_steps = config.max_steps or per_epoch * config.epochs
+    checkpoint = latest_checkpoint(output_dir) if config.resume == "latest" else (Path(config.resume) if config.resume else None)
+    state = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint is not None else None
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
     )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
+    schedule_steps = schedule_length(state, total_steps, config, accelerator.print)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, schedule_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)  # together, as FSDP2 requires
     if report_to:
         accelerator.init_trackers("flair", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
 
     step, epoch, step_in_epoch = 0, 0, 0
-    checkpoint = latest_checkpoint(output_dir) if config.resume == "latest" else (Path(config.resume) if config.resume else None)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         accelerator.print(f"resumed from {checkpoint} at step {step} (epoch {epoch}, batch {step_in_epoch})")
+        if step >= total_steps:
+            accelerator.print(f"this run is already finished ({step} of {total_steps} steps): nothing to train")
 
     initial_eval_loss = evaluate_loss(model, config, accelerator.device) if config.eval_batch else None
     losses_path = output_dir / "losses.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None and losses_path.exists():
-            losses_path.unlink()
+        if checkpoint is None:
+            for stale in (losses_path, output_dir / "eval.jsonl"):
+                stale.unlink(missing_ok=True)
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="training")
     unwrapped = accelerator.unwrap_model(model)
     model.train()
+    eval_metrics, last_eval_step = {}, None
     while step < total_steps:
         stream.set_epoch(epoch)
         batches = iter(loader)
@@ -328,24 +422,29 @@ def train(config: TrainConfig) -> dict:
                 accelerator.log(metrics, step=step)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
+            if eval_benchmarks and config.eval_every_steps and step % config.eval_every_steps == 0:
+                eval_metrics = evaluate_during_training(accelerator, model, processor, eval_benchmarks, config, step, output_dir)
+                last_eval_step = step
             if step % config.checkpoint_every == 0 or step == total_steps:
                 directory = output_dir / "checkpoints" / f"step_{step}"
                 accelerator.save_state(str(directory))
                 if accelerator.is_main_process:
-                    state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch}
-                    (directory / "trainer_state.json").write_text(json.dumps(state))
+                    trainer_state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "schedule_steps": schedule_steps}
+                    (directory / "trainer_state.json").write_text(json.dumps(trainer_state))
                 accelerator.wait_for_everyone()
             if step >= total_steps or step_in_epoch >= per_epoch:
                 break
             wait_start = time.perf_counter()
         epoch, step_in_epoch = epoch + 1, 0
     progress.close()
+    if eval_benchmarks and last_eval_step != step:
+        eval_metrics = evaluate_during_training(accelerator, model, processor, eval_benchmarks, config, step, output_dir)
 
     export_dir = Path(config.export_dir or output_dir / "final")
     export(accelerator, model, processor, export_dir)
     summary = {
         "steps": step, "world_size": world_size, "distributed_type": str(accelerator.distributed_type),
-        "export_dir": str(export_dir),
+        "export_dir": str(export_dir), **eval_metrics,
     }  # fmt: skip
     if config.eval_batch:
         summary.update(initial_eval_loss=initial_eval_loss, eval_loss=evaluate_loss(model, config, accelerator.device))
@@ -355,6 +454,12 @@ def train(config: TrainConfig) -> dict:
     del model, optimizer, unwrapped
     gc.collect()
     accelerator.end_training()  # after freeing the model: avoids the exit hang seen with gloo
+    logs = f", tracker logs in {output_dir / 'logs'}" if report_to else ""
+    eval_log = f", retrieval results in {output_dir / 'eval.jsonl'}" if eval_benchmarks else ""
+    accelerator.print(
+        f"model: {export_dir}; checkpoints: {output_dir / 'checkpoints'}; losses: {losses_path}{eval_log}{logs}; "
+        f"summary: {output_dir / 'summary.json'}"
+    )
     return summary
 
 
