@@ -256,3 +256,10 @@ def test_help_lists_every_option_with_help_and_default():
     help_text = " ".join(text.split())
     assert "--max-steps MAX_STEPS optimizer steps in total (default: epochs x steps per epoch) --batch-size" in help_text
     assert "--lr LR peak learning rate (default: 0.0005)" in help_text
+
+
+def test_a_rank_without_a_full_batch_is_a_clear_error_not_a_hang(data, tmp_path):
+    command = [sys.executable] + train_args(data, tmp_path / "run", "--batch-size", "64", "--max-steps", "2")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    assert "rank 0 got no full batch of 64 in epoch 0" in result.stderr

@@ -387,7 +387,9 @@ def train(config: TrainConfig) -> dict:
         for _ in range(step_in_epoch * config.gradient_accumulation_steps):
             next(batches)  # same data order as an uninterrupted run
         wait_start = time.perf_counter()
+        batches_seen = 0
         for batch in batches:
+            batches_seen += 1
             data_wait = time.perf_counter() - wait_start
             step_start = time.perf_counter()
             with accelerator.accumulate(model):
@@ -435,6 +437,11 @@ def train(config: TrainConfig) -> dict:
             if step >= total_steps or step_in_epoch >= per_epoch:
                 break
             wait_start = time.perf_counter()
+        if batches_seen == 0 and step_in_epoch == 0:
+            raise SystemExit(
+                f"rank {rank} got no full batch of {config.batch_size} in epoch {epoch}: its shards hold fewer samples; "
+                "use more, smaller shards (prepare_data.py --samples-per-shard), fewer processes or workers, or a smaller --batch-size"
+            )
         epoch, step_in_epoch = epoch + 1, 0
     progress.close()
     if eval_benchmarks and last_eval_step != step:
