@@ -21,8 +21,9 @@ from transformers import CLIPConfig, CLIPModel
 from flair_hf import FlairConfig, FlairModel
 
 
-def build_models(implementation: str, device: str, dtype: torch.dtype) -> dict:
-    flair_config = FlairConfig()
+def build_models(implementation: str, device: str, dtype: torch.dtype, model_config: dict | None = None) -> dict:
+    """FlairModel and CLIPModel with the same dimensions (ViT-B-16-FLAIR unless `model_config` says otherwise)."""
+    flair_config = FlairConfig(**(model_config or {}))
     clip_config = CLIPConfig(
         text_config=flair_config.text_config.to_dict(),
         vision_config=flair_config.vision_config.to_dict(),

@@ -9,6 +9,7 @@ number of DataLoader workers. Prints the numbers and writes JSON.
 """
 
 import argparse
+import contextlib
 import io
 import json
 import platform
@@ -55,35 +56,49 @@ def synthetic_shards(directory: Path, shards: int = 4, per_shard: int = 64) -> s
 
 
 def peak_memory_mib(device: str) -> float:
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def training_steps(args) -> dict:
-    device = args.device
-    model = FlairModel(FlairConfig(**SIZES[args.model_size])).to(device).train()
+def training_steps(
+    device: str, model_size: str, batch_size: int, captions_per_image: int, steps: int,
+    gradient_checkpointing: bool = False, autocast_dtype: torch.dtype | None = None,
+) -> dict:  # fmt: skip
+    """Median samples/s of forward (FLAIR loss) + backward + AdamW after one warm-up step, peak memory, FLOPs/step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = FlairModel(FlairConfig(**SIZES[model_size])).to(device).train()
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     size = model.config.vision_config.image_size
-    batch, texts = args.batch_size, args.batch_size * args.captions_per_image
+    batch, texts = batch_size, batch_size * captions_per_image
     pixels = torch.randn(batch, 3, size, size, device=device)
     ids = torch.randint(1, 49406, (texts, 77), device=device)
     ids[:, 0], ids[:, 30], ids[:, 31:] = 49406, 49407, 0
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
-    times = []
-    for step in range(args.steps + 1):
+    autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times, flops = [], None
+    for step in range(steps + 1):
+        counter = FlopCounterMode(display=False) if step == 0 else contextlib.nullcontext()
         start = time.perf_counter()
-        with autocast:
-            loss = model(input_ids=ids, pixel_values=pixels, return_loss=True, captions_per_image=args.captions_per_image).loss
-        loss.backward()
+        with counter:
+            with autocast:
+                loss = model(input_ids=ids, pixel_values=pixels, return_loss=True, captions_per_image=captions_per_image).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if step:  # the first step is a warm-up
+        synchronize()
+        if step:  # the first step is a warm-up (and counts the FLOPs)
             times.append(time.perf_counter() - start)
-    return {"samples_per_second": batch / statistics.median(times), "median_step_seconds": statistics.median(times),
-            "peak_memory_mib": peak_memory_mib(device)}  # fmt: skip
+        else:
+            flops = counter.get_total_flops()
+    median = statistics.median(times)
+    return {"samples_per_second": batch / median, "median_step_seconds": median, "flops_per_step": flops,
+            "tflops_per_second": flops / median / 1e12, "peak_memory_mib": peak_memory_mib(device)}  # fmt: skip
 
 
 def data_pipeline(args, pattern: str) -> dict:
@@ -112,7 +127,8 @@ def main(argv=None):
         pattern = args.data or synthetic_shards(Path(tmp))
         pipeline = data_pipeline(args, pattern)
     print(f"data pipeline: {pipeline['samples_per_second']:.1f} samples/s with {args.workers} workers")
-    step = training_steps(args)
+    autocast_dtype = torch.bfloat16 if args.device.startswith("cuda") else None
+    step = training_steps(args.device, args.model_size, args.batch_size, args.captions_per_image, args.steps, autocast_dtype=autocast_dtype)
     print(f"training step ({args.model_size}, batch {args.batch_size} x {args.captions_per_image} captions, {args.device}): "
           f"{step['samples_per_second']:.2f} samples/s, peak {step['peak_memory_mib']:.0f} MiB")  # fmt: skip
     report = {

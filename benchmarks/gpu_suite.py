@@ -1,0 +1,467 @@
+"""FLAIR on a GPU in one command: correctness, towers, all-pairs scoring, training step, end-to-end evaluation.
+
+    python benchmarks/gpu_suite.py --output benchmarks/results/gpu-h100.json
+    python benchmarks/gpu_suite.py --device cpu --scale tiny --output /tmp/gpu-suite-dry-run.json   # dry run
+
+1. Correctness: the full-size ViT-B/16 FLAIR (weights by the manifest recipe, written as an original `.pt` and
+   converted) in fp32 on the device against the CPU reference of the original code (1e-4, TF32 off); bf16 and fp16,
+   by autocast and by `dtype=` loading, against fp32 on the device (relative error of embeddings, FLAIR logits, CLIP
+   logits, within stated tolerances); eager, sdpa and flash_attention_2 (when installed) agreeing; `pytest
+   tests/test_gpu.py`.
+2. Towers: FlairModel vs transformers' CLIPModel of the same size, bf16, image / text items/s, peak memory, ratio, and
+   achieved TFLOP/s against the measured bf16 matmul peak (and the datasheet dense peak where known).
+3. All-pairs FLAIR scoring (synthetic features, bf16 autocast): the fast scorer vs the original-style loop (run on a
+   subset of images and scaled), seconds, peak memory, score difference; two sizes (COCO, ShareGPT4V-10k).
+4. Training step (batch x K captions, bf16 autocast) with and without gradient checkpointing; then `train.py` under the
+   `ddp.yaml` and `fsdp2.yaml` launch configs with one process, and a checkpoint save -> resume giving equal losses.
+5. End-to-end: the retrieval CLI on a synthetic COCO-sized layout in the flair, topk and global modes.
+
+`--scale tiny` runs every section at toy sizes (tiny model) so the whole suite can be checked on a CPU.
+Prints a markdown summary and writes JSON.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+for folder in ("benchmarks", "conversion", "training"):
+    sys.path.insert(0, str(ROOT / folder))
+
+import benchmark_scoring  # noqa: E402
+import benchmark_towers  # noqa: E402
+import benchmark_training  # noqa: E402
+import convert_flair_to_hf  # noqa: E402
+import evaluate_retrieval  # noqa: E402
+from manifest_weights import manifest_state_dict  # noqa: E402
+
+from flair_hf import FlairConfig, FlairModel  # noqa: E402
+from flair_hf.retrieval import flair_scores, straightforward_flair_scores  # noqa: E402
+
+SCALES = {
+    "full": {
+        "model": "vit-b-16", "image_batch": 256, "text_batch": 1024, "iterations": 10, "matmul": 8192,
+        "score_sizes": [(5000, 25000), (10000, 10000)], "loop_images": 50,
+        "train_batch": 128, "captions_per_image": 8, "train_steps": 5, "launch_steps": 6,
+        "eval_images": 5000, "eval_image_size": 256,
+    },
+    "tiny": {
+        "model": "tiny", "image_batch": 4, "text_batch": 8, "iterations": 2, "matmul": 256,
+        "score_sizes": [(12, 60), (10, 10)], "loop_images": 4,
+        "train_batch": 4, "captions_per_image": 3, "train_steps": 2, "launch_steps": 4,
+        "eval_images": 12, "eval_image_size": 40,
+    },
+}  # fmt: skip
+# bf16 / fp16 vs fp32: relative error ||x - ref|| / ||ref|| allowed for embeddings and logits
+HALF_TOLERANCE = {"bfloat16": 3e-2, "float16": 5e-3}
+FP32_TOLERANCE = 1e-4
+# dense bf16 datasheet peaks (TFLOP/s, SXM parts), for the fraction beside the measured matmul peak
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.double().cpu(), reference.double().cpu()
+    return float(torch.linalg.vector_norm(value - reference) / torch.linalg.vector_norm(reference).clamp_min(1e-30))
+
+
+# 1. correctness ---------------------------------------------------------------------------------------------------
+
+
+def converted_model(scale: str, directory: Path) -> tuple[Path, dict]:
+    """The model converted from an original `.pt` (as the tests do) and the original code's CPU reference outputs."""
+    from safetensors.torch import load_file
+
+    output = directory / "model"
+    if scale == "full":
+        checkpoint = directory / "vit-b-16-flair-seed1000.pt"
+        torch.save(manifest_state_dict(FIXTURES / "vit-b-16-flair-state-dict-manifest.json", seed=1000), checkpoint)
+        convert_flair_to_hf.convert(str(checkpoint), output)
+        return output, load_file(FIXTURES / "vit-b-16-flair-seed1000-reference.safetensors")
+    config = json.loads((FIXTURES / "tiny" / "open_clip_config.json").read_text())["model_cfg"]
+    convert_flair_to_hf.convert(str(FIXTURES / "tiny" / "flair-tiny-state-dict.pt"), output, config)
+    return output, load_file(FIXTURES / "tiny" / "reference_outputs.safetensors")
+
+
+@torch.no_grad()
+def model_outputs(model, ids, pixels, autocast_dtype=None) -> dict:
+    """The tensors the reference holds: global embeddings, pooled embeddings, FLAIR and CLIP logits (float32)."""
+    device_type = pixels.device.type
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        text = model.get_text_features(ids)
+        image, tokens = model.get_image_and_token_features(pixels)
+        output = model(input_ids=ids, pixel_values=pixels)
+        pooled = model.get_text_conditioned_image_features(text, tokens)
+    return {
+        "text_embeds": text.float(), "image_embeds": image.float(), "text_conditioned_image_embeds": pooled.float(),
+        "logits_per_image": output.logits_per_image.float(), "logits_as_clip_per_image": output.logits_per_image_as_clip.float(),
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def tf32_disabled():
+    """fp32 parity: no TF32 in matmuls or convolutions (cuDNN allows it for convolutions by default)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def flash_attention_status(device: str) -> str | None:
+    """None when flash_attention_2 can run here, else why not."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if not device.startswith("cuda"):
+        return "flash_attention_2 needs CUDA"
+    if not is_flash_attn_2_available():
+        return "the flash-attn package is not installed (no wheel for this torch/CUDA in the image; pip cannot reach it)"
+    return None
+
+
+def correctness(args, scale: dict, model_dir: Path, reference: dict) -> dict:
+    device = args.device
+    ids, pixels = reference["input_ids"].long().to(device), reference["pixel_values"].to(device)
+    result = {"fp32_vs_cpu_reference": {}, "half_precision": {}, "attention_implementations": {}}
+    with tf32_disabled():
+        fp32_model = FlairModel.from_pretrained(model_dir).to(device).eval()
+        fp32 = model_outputs(fp32_model, ids, pixels)
+    for name, value in fp32.items():
+        if name in reference:
+            difference = (value.cpu() - reference[name]).abs().max().item()
+            result["fp32_vs_cpu_reference"][name] = {"max_abs": difference, "pass": difference <= FP32_TOLERANCE}
+    for dtype_name, tolerance in HALF_TOLERANCE.items():
+        dtype = getattr(torch, dtype_name)
+        loaded = FlairModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        variants = {
+            "autocast": model_outputs(fp32_model, ids, pixels, autocast_dtype=dtype),
+            "dtype_loading": model_outputs(loaded, ids, pixels.to(dtype)),
+        }
+        for variant, outputs in variants.items():
+            errors = {name: relative_error(value, fp32[name]) for name, value in outputs.items()}
+            result["half_precision"][f"{dtype_name}/{variant}"] = {
+                "relative_error": errors, "tolerance": tolerance, "pass": all(e <= tolerance for e in errors.values())
+            }
+        implementations = ["eager", "sdpa"]
+        flash_reason = flash_attention_status(device)
+        implementations += [] if flash_reason else ["flash_attention_2"]
+        logits = {}
+        for implementation in implementations:
+            model = FlairModel.from_pretrained(model_dir, dtype=dtype, attn_implementation=implementation).to(device).eval()
+            logits[implementation] = model_outputs(model, ids, pixels.to(dtype))["logits_per_image"]
+        errors = {impl: relative_error(logits[impl], logits["eager"]) for impl in implementations[1:]}
+        result["attention_implementations"][dtype_name] = {
+            "relative_error_vs_eager": errors, "tolerance": tolerance, "pass": all(e <= tolerance for e in errors.values()),
+            "flash_attention_2": "ran" if not flash_reason else f"not run: {flash_reason}",
+        }  # fmt: skip
+    if not args.skip_pytest:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_gpu.py")], cwd=ROOT,
+                             capture_output=True, text=True)  # fmt: skip
+        result["pytest_test_gpu"] = {"returncode": run.returncode, "summary": run.stdout.strip().splitlines()[-1:]}
+    return result
+
+
+# 2. towers --------------------------------------------------------------------------------------------------------
+
+
+def matmul_peak_tflops(device: str, size: int, dtype: torch.dtype) -> float:
+    """Measured dense matmul rate (median of 10 after 3 warm-ups) on random data."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for index in range(13):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if index >= 3:
+            times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def count_flops(call) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops()
+
+
+def towers(args, scale: dict, dtype: torch.dtype, peak: float) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    size = FlairConfig(**benchmark_training.SIZES[scale["model"]]).vision_config.image_size
+    pixels = torch.randn(scale["image_batch"], 3, size, size, generator=generator).to(args.device, dtype)
+    ids = torch.randint(1, 49406, (scale["text_batch"], 77), generator=generator)
+    ids[:, 0], ids[:, 40], ids[:, 41:] = 49406, 49407, 0
+    ids = ids.to(args.device)
+    rows = []
+    for implementation in ("eager", "sdpa"):
+        models = benchmark_towers.build_models(implementation, args.device, dtype, benchmark_training.SIZES[scale["model"]])
+        for tower, batch in (("image", scale["image_batch"]), ("text", scale["text_batch"])):
+            calls = {
+                name: (lambda m=model: m.get_image_features(pixel_values=pixels)) if tower == "image"
+                else (lambda m=model: m.get_text_features(input_ids=ids))
+                for name, model in models.items()
+            }  # fmt: skip
+            measured = benchmark_towers.measure_pair(calls, batch, scale["iterations"], args.device)
+            flops = count_flops(calls["flair"])
+            tflops = flops * measured["flair"]["items_per_s"] / batch / 1e12
+            rows.append({
+                "attn_implementation": implementation, "tower": tower, "batch": batch, **measured,
+                "flair_over_clip": measured["flair"]["items_per_s"] / measured["clip"]["items_per_s"],
+                "flair_tflops_per_second": tflops, "fraction_of_measured_peak": tflops / peak,
+            })  # fmt: skip
+        del models
+    return rows
+
+
+# 3. all-pairs scoring ---------------------------------------------------------------------------------------------
+
+
+def timed(device: str, call):
+    reset_peak(device)
+    synchronize(device)
+    start = time.perf_counter()
+    value = call()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    memory = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    return value, seconds, memory
+
+
+def scoring(args, scale: dict, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for images, texts in scale["score_sizes"]:
+        pooling, text, tokens = benchmark_scoring.make_inputs(images, texts)
+        pooling, text, tokens = pooling.to(args.device), text.to(args.device), tokens.to(args.device)
+        row = {"images": images, "texts": texts, "autocast": str(dtype).removeprefix("torch.")}
+        for name, chunk in (("fast", 4), ("fast_chunk64", 64)):
+            scores, seconds, memory = timed(args.device, lambda c=chunk: flair_scores(pooling, text, tokens, image_chunk_size=c, autocast_dtype=dtype))
+            row[name] = {"seconds": seconds, "peak_memory_mib": memory, "image_chunk_size": chunk}
+        subset = min(scale["loop_images"], images)
+        with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None):
+            loop, seconds, memory = timed(args.device, lambda: straightforward_flair_scores(pooling, text, tokens[:subset]))
+        row["straightforward_loop"] = {
+            "subset_images": subset, "subset_seconds": seconds, "seconds_scaled": seconds * images / subset,
+            "peak_memory_mib": memory,
+        }  # fmt: skip
+        row["max_abs_score_difference_on_subset"] = (scores[:subset] - loop.float().cpu()).abs().max().item()
+        row["speedup_vs_loop"] = row["straightforward_loop"]["seconds_scaled"] / min(row["fast"]["seconds"], row["fast_chunk64"]["seconds"])
+        rows.append(row)
+        del pooling, text, tokens
+    return rows
+
+
+# 4. training ------------------------------------------------------------------------------------------------------
+
+
+def training(args, scale: dict, peak: float, directory: Path) -> dict:
+    autocast_dtype = torch.bfloat16 if args.device.startswith("cuda") else None
+    result = {"single_process": []}
+    for checkpointing in (False, True):
+        step = benchmark_training.training_steps(
+            args.device, scale["model"], scale["train_batch"], scale["captions_per_image"], scale["train_steps"],
+            gradient_checkpointing=checkpointing, autocast_dtype=autocast_dtype,
+        )  # fmt: skip
+        step.update(gradient_checkpointing=checkpointing, fraction_of_measured_peak=step["tflops_per_second"] / peak)
+        result["single_process"].append(step)
+    shards = benchmark_training.synthetic_shards(directory, shards=4, per_shard=scale["train_batch"] * scale["launch_steps"] // 4 + 1)
+    config = directory / "suite_train.yaml"
+    config.write_text(json.dumps({
+        "model_config": benchmark_training.SIZES[scale["model"]], "captions_per_image": scale["captions_per_image"],
+        "batch_size": scale["train_batch"], "workers": 4 if scale["model"] == "vit-b-16" else 0, "shuffle_buffer": 16,
+        "train_data": shards, "train_num_samples": scale["train_batch"] * scale["launch_steps"], "report_to": "none",
+        "warmup_steps": 1, "log_every": 1, "checkpoint_every": scale["launch_steps"] // 2,
+        "max_steps": scale["launch_steps"],
+    }))  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not args.device.startswith("cuda"):
+        env["ACCELERATE_USE_CPU"] = "true"
+    for launch_config in ("ddp.yaml", "fsdp2.yaml"):
+        output = directory / launch_config.removesuffix(".yaml")
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "training" / "accelerate" / launch_config),
+                   "--num_processes", "1", "--main_process_port", str(29700 + len(result)), str(ROOT / "training" / "train.py"),
+                   "--config", str(config), "--output-dir", str(output)]  # fmt: skip
+        started = time.perf_counter()
+        first = subprocess.run(command, capture_output=True, text=True, env=env)
+        entry = {"returncode": first.returncode, "wall_seconds": time.perf_counter() - started}
+        if first.returncode != 0:
+            entry["stderr_tail"] = first.stderr[-3000:]
+            result[launch_config] = entry
+            continue
+        losses = [json.loads(line) for line in (output / "losses.jsonl").read_text().splitlines()]
+        entry["samples_per_second_per_device"] = statistics.median(r["samples_per_second_per_device"] for r in losses[1:])
+        entry["distributed_type"] = json.loads((output / "summary.json").read_text())["distributed_type"]
+        resumed = directory / (output.name + "-resumed")
+        (resumed / "checkpoints").mkdir(parents=True)
+        middle = f"step_{scale['launch_steps'] // 2}"
+        os.symlink(output / "checkpoints" / middle, resumed / "checkpoints" / middle)
+        command[command.index(str(output))] = str(resumed)
+        second = subprocess.run(command + ["--resume", "latest"], capture_output=True, text=True, env=env)
+        entry["resume_returncode"] = second.returncode
+        if second.returncode == 0:
+            again = [json.loads(line)["loss"] for line in (resumed / "losses.jsonl").read_text().splitlines()]
+            entry["resume_equal_losses"] = again == [r["loss"] for r in losses][scale["launch_steps"] // 2 :]
+        else:
+            entry["stderr_tail"] = second.stderr[-3000:]
+        result[launch_config] = entry
+    return result
+
+
+# 5. end-to-end evaluation -----------------------------------------------------------------------------------------
+
+
+def synthetic_coco(root: Path, images: int, size: int) -> Path:
+    """A COCO val2017 layout with `images` random JPEGs and 5 captions each."""
+    folder = root / "coco" / "images" / "val2017"
+    folder.mkdir(parents=True)
+    words = ["a", "red", "dog", "on", "grass", "small", "blue", "car", "street", "two", "people", "near", "water"]
+    rng = np.random.default_rng(0)
+    annotations, entries = [], []
+    for index in range(images):
+        name = f"{index:012d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / name, quality=85)
+        entries.append({"id": index, "file_name": name})
+        for k in range(5):
+            caption = " ".join(rng.choice(words, size=int(rng.integers(6, 14))))
+            annotations.append({"id": index * 5 + k, "image_id": index, "caption": caption})
+    (root / "coco" / "annotations").mkdir(parents=True)
+    (root / "coco" / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": entries, "annotations": annotations}))
+    return root
+
+
+def evaluation(args, scale: dict, model_dir: Path, directory: Path) -> list[dict]:
+    started = time.perf_counter()
+    root = synthetic_coco(directory / "eval-data", scale["eval_images"], scale["eval_image_size"])
+    generated = time.perf_counter() - started
+    rows = []
+    for mode in ("flair", "topk", "global"):
+        cli = ["--model", str(model_dir), "--benchmark", "coco", "--data-root", str(root), "--mode", mode,
+               "--device", args.device, "--output", str(directory / f"eval-{mode}.json"), "--batch-size", "256"]  # fmt: skip
+        cli += ["--autocast", "bf16"] if args.device.startswith("cuda") else []
+        started = time.perf_counter()
+        result = evaluate_retrieval.main(cli)[0]
+        rows.append({
+            "mode": mode, "wall_seconds": time.perf_counter() - started, **result["timings"],
+            "num_images": result["num_images"], "num_texts": result["num_texts"],
+            "text_to_image_R@1": result["metrics"]["text_to_image_R@1"],
+        })  # fmt: skip
+    rows[0]["layout_generation_seconds"] = generated
+    return rows
+
+
+# report -----------------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    lines = [f"## FLAIR GPU suite: {report['device_name']} ({report['scale']} scale)", ""]
+    if "correctness" in report:
+        c = report["correctness"]
+        worst = max(v["max_abs"] for v in c["fp32_vs_cpu_reference"].values())
+        lines.append(f"- fp32 vs CPU reference: max abs {worst:.2e} (tolerance {FP32_TOLERANCE:g})")
+        for name, v in c["half_precision"].items():
+            lines.append(f"- {name}: max relative error {max(v['relative_error'].values()):.2e} (tolerance {v['tolerance']:g}) "
+                         f"{'pass' if v['pass'] else 'FAIL'}")  # fmt: skip
+        for name, v in c["attention_implementations"].items():
+            errors = ", ".join(f"{k} {e:.1e}" for k, e in v["relative_error_vs_eager"].items())
+            lines.append(f"- {name} attention vs eager: {errors}; flash_attention_2 {v['flash_attention_2']}")
+    if "towers" in report:
+        lines += ["", "| attention | tower | batch | FLAIR items/s | CLIP items/s | FLAIR/CLIP | FLAIR TFLOP/s | of peak | FLAIR MiB | CLIP MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in report["towers"]:
+            lines.append(
+                f"| {r['attn_implementation']} | {r['tower']} | {r['batch']} | {r['flair']['items_per_s']:.1f} | {r['clip']['items_per_s']:.1f} "
+                f"| {r['flair_over_clip']:.2f} | {r['flair_tflops_per_second']:.1f} | {r['fraction_of_measured_peak']:.2f} "
+                f"| {r['flair']['peak_memory_mib']:.0f} | {r['clip']['peak_memory_mib']:.0f} |"
+            )
+    if "scoring" in report:
+        lines += ["", "| images x texts | fast s | fast (chunk 64) s | loop s (scaled) | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
+        for r in report["scoring"]:
+            lines.append(f"| {r['images']} x {r['texts']} | {r['fast']['seconds']:.2f} | {r['fast_chunk64']['seconds']:.2f} "
+                         f"| {r['straightforward_loop']['seconds_scaled']:.1f} | {r['speedup_vs_loop']:.1f} | {r['max_abs_score_difference_on_subset']:.1e} |")  # fmt: skip
+    if "training" in report:
+        lines.append("")
+        for r in report["training"]["single_process"]:
+            lines.append(f"- training step, checkpointing {r['gradient_checkpointing']}: {r['samples_per_second']:.1f} samples/s, "
+                         f"{r['tflops_per_second']:.1f} TFLOP/s ({r['fraction_of_measured_peak']:.2f} of peak), {r['peak_memory_mib']:.0f} MiB")  # fmt: skip
+        for name in ("ddp.yaml", "fsdp2.yaml"):
+            r = report["training"][name]
+            lines.append(f"- {name}, 1 process: rc {r['returncode']}, {r.get('samples_per_second_per_device', float('nan')):.1f} samples/s, "
+                         f"resume equal losses: {r.get('resume_equal_losses')}")  # fmt: skip
+    if "evaluation" in report:
+        lines.append("")
+        for r in report["evaluation"]:
+            lines.append(f"- retrieval CLI, {r['mode']}: {r['wall_seconds']:.1f} s (encode {r['encode_seconds']:.1f} s, "
+                         f"score {r['score_seconds']:.1f} s) on {r['num_images']} images / {r['num_texts']} texts")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="JSON file, e.g. benchmarks/results/gpu-h100.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="full", help="full (ViT-B/16, paper sizes) or tiny (dry run)")
+    parser.add_argument("--sections", default="correctness,towers,scoring,training,evaluation")
+    parser.add_argument("--skip-pytest", action="store_true", help="do not run pytest tests/test_gpu.py")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",")]
+    unknown = set(sections) - {"correctness", "towers", "scoring", "training", "evaluation"}
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device; use --device cpu --scale tiny for a dry run")
+    scale = SCALES[args.scale]
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    report = {"device_name": device_name, "device": args.device, "scale": args.scale, "torch": torch.__version__}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        model_dir, reference = converted_model("full" if scale["model"] == "vit-b-16" else "tiny", directory)
+        peak = matmul_peak_tflops(args.device, scale["matmul"], dtype)
+        report["measured_matmul_peak_tflops"] = {"dtype": str(dtype).removeprefix("torch."), "tflops": peak}
+        datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device_name), None)
+        report["datasheet_bf16_dense_tflops"] = datasheet
+        if "correctness" in sections:
+            report["correctness"] = correctness(args, scale, model_dir, reference)
+        if "towers" in sections:
+            report["towers"] = towers(args, scale, dtype, peak)
+        if "scoring" in sections:
+            report["scoring"] = scoring(args, scale, dtype if cuda else None)
+        if "training" in sections:
+            report["training"] = training(args, scale, peak, directory)
+        if "evaluation" in sections:
+            report["evaluation"] = evaluation(args, scale, model_dir, directory)
+    report["suite_seconds"] = time.perf_counter() - started
+    print(markdown(report))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
