@@ -24,16 +24,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from flair_hf.captions import DREAMLIP_KEYS as DREAMLIP_CAPTION_COLUMNS
+
 DREAMLIP_URL_COLUMN = "Image Path"
-DREAMLIP_CAPTION_COLUMNS = (
-    "raw_caption",
-    "shortIB_captions",
-    "longIB_captions",
-    "shortSV_captions",
-    "longSV_captions",
-    "shortLLA_captions",
-    "longLLA_captions",
-)
 PIXELPROSE_URL_COLUMN, PIXELPROSE_CAPTION_COLUMN = "url", "vlm_caption"
 
 
