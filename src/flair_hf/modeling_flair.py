@@ -104,14 +104,30 @@ class FlairVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
         self.register_buffer("position_ids", torch.arange(self.num_positions).expand((1, -1)), persistent=False)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for a `height x width` input: the patch grid's resized bicubically (as CLIP's)."""
+        position_embedding = self.position_embedding.weight.unsqueeze(0)
+        grid = (height // self.patch_size, width // self.patch_size)
+        if grid[0] * grid[1] == self.num_patches and height == width:
+            return self.position_embedding(self.position_ids)
+        side = int(self.num_patches**0.5)
+        patch_pos_embed = position_embedding[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patch_pos_embed = nn.functional.interpolate(patch_pos_embed, size=grid, mode="bicubic", align_corners=False)
+        return torch.cat([position_embedding[:, :1], patch_pos_embed.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
-        if height != self.image_size or width != self.image_size:
-            raise ValueError(f"Input image size ({height}*{width}) doesn't match model ({self.image_size}*{self.image_size}).")
+        if not interpolate_pos_encoding and (height != self.image_size or width != self.image_size):
+            raise ValueError(
+                f"Input image size ({height}*{width}) doesn't match model ({self.image_size}*{self.image_size}); "
+                "pass interpolate_pos_encoding=True for other sizes."
+            )
         patch_embeds = self.patch_embedding(pixel_values.to(dtype=self.patch_embedding.weight.dtype))
         patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
         class_embeds = self.class_embedding.expand(batch_size, 1, -1)
         embeddings = torch.cat([class_embeds, patch_embeds], dim=1)
+        if interpolate_pos_encoding:
+            return embeddings + self.interpolate_pos_encoding(height, width)
         return embeddings + self.position_embedding(self.position_ids)
 
 
@@ -320,8 +336,8 @@ class FlairVisionModel(FlairPreTrainedModel):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
-        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> BaseModelOutputWithPooling:
+        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
         last_hidden_state = self.post_layernorm(self.encoder(hidden_states))
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=last_hidden_state[:, 0])
 
@@ -417,17 +433,21 @@ class FlairModel(FlairPreTrainedModel):
         """Global text embeddings `(T, D)`, not normalised: the end-of-text state projected by `text_projection`."""
         return self.text_projection(self.text_model(input_ids, attention_mask).pooler_output)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        """Global image embeddings `(B, D)`, not normalised: the class token projected by `visual_projection`."""
-        return self.visual_projection(self.vision_model(pixel_values).pooler_output)
+    def get_image_features(self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Global image embeddings `(B, D)`, not normalised: the class token projected by `visual_projection`.
 
-    def get_image_token_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        `interpolate_pos_encoding=True` takes images of other sizes (position embeddings resized bicubically)."""
+        return self.visual_projection(self.vision_model(pixel_values, interpolate_pos_encoding).pooler_output)
+
+    def get_image_token_features(self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Projected patch tokens `(B, L, D)` (post-LayerNorm applied to each), the keys/values of the pooling head."""
-        return self.get_image_and_token_features(pixel_values)[1]
+        return self.get_image_and_token_features(pixel_values, interpolate_pos_encoding)[1]
 
-    def get_image_and_token_features(self, pixel_values: torch.FloatTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_image_and_token_features(
+        self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Global image embeddings `(B, D)` and projected patch tokens `(B, L, D)` from one pass of the vision tower."""
-        hidden = self.vision_model(pixel_values).last_hidden_state
+        hidden = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
         return self.visual_projection(hidden[:, 0]), self.visual_projection(hidden[:, 1:])
 
     def get_text_conditioned_image_features(
@@ -500,6 +520,7 @@ class FlairModel(FlairPreTrainedModel):
         captions_per_image: int | None = None,
         add_mps_loss: bool = True,
         loss_across_ranks: bool = True,
+        interpolate_pos_encoding: bool = False,
     ) -> FlairOutput | tuple:
         r"""
         Score `B` images against `T` texts both ways. `input_ids` `(T, 77)`, `pixel_values` `(B, 3, 224, 224)`.
@@ -508,10 +529,10 @@ class FlairModel(FlairPreTrainedModel):
         With `return_loss=True` (training), `T = B * captions_per_image` and caption `k` of image `i` is row
         `i * K + k`; the output holds the FLAIR loss (text-conditioned sigmoid loss, plus the multi-positive sigmoid
         loss if `add_mps_loss`; other ranks' texts are extra negatives when torch.distributed is initialised and
-        `loss_across_ranks`).
+        `loss_across_ranks`). `interpolate_pos_encoding=True` takes images of other sizes than the model's.
         """
         text_outputs = self.text_model(input_ids, attention_mask)
-        vision_outputs = self.vision_model(pixel_values)
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding)
         text_embeds = self.text_projection(text_outputs.pooler_output)
         image_embeds = self.visual_projection(vision_outputs.pooler_output)
         image_token_embeds = self.visual_projection(vision_outputs.last_hidden_state[:, 1:])
