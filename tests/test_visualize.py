@@ -1,0 +1,62 @@
+"""benchmarks/visualize.py: the README's commands write a PNG with one coloured overlay panel per caption."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIXTURES, ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import visualize  # noqa: E402
+
+
+def assert_overlay_png(path, size):
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert image.shape[:2] == size[::-1], image.shape
+    assert image.std() > 20  # not blank
+    coloured = np.abs(image[..., 0] - image[..., 2]) > 60  # the jet overlay tints the photo
+    assert coloured.mean() > 0.05, coloured.mean()
+
+
+def test_readme_dense_map_commands_run_as_written(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Dense maps", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    commands = [line for line in re.sub(r"\\\n\s*", "", block).splitlines() if line.strip()]
+    assert commands[0].startswith("python conversion/offline_demo.py") and commands[1].startswith("python benchmarks/visualize.py")
+    for name in ("conversion", "benchmarks", "tests"):
+        os.makedirs(tmp_path / "repo", exist_ok=True)
+        (tmp_path / "repo" / name).symlink_to(ROOT / name)
+    output = tmp_path / "maps.png"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for command in commands:
+        command = command.replace("benchmarks/results/dense-maps-tiny-random.png", str(output))
+        result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path / "repo", capture_output=True, text=True,
+                                timeout=300, env=env)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 caption(s), attention maps" in result.stdout
+    assert_overlay_png(output, (768, 288))
+    assert_overlay_png(ROOT / "benchmarks" / "results" / "dense-maps-tiny-random.png", (768, 288))  # the README's picture
+
+
+def test_grid_of_images_with_similarity_maps_at_a_larger_size(tiny_dir, tmp_path):
+    images = [str(FIXTURES / "images" / name) for name in ("puppy.jpg", "arsenal.jpg")]
+    output = visualize.main([*images, "--grid", "--model", str(tiny_dir), "--caption", "a puppy", "--caption", "two men",
+                             "--kind", "similarity", "--image-size", "320", "--output", str(tmp_path / "grid.png")])  # fmt: skip
+    assert_overlay_png(output, (512, 576))
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_bad_arguments_are_clear_errors(tiny_dir, tmp_path):
+    image = str(FIXTURES / "images" / "puppy.jpg")
+    with pytest.raises(SystemExit):
+        visualize.main([image, image, "--model", str(tiny_dir), "--caption", "a", "--output", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="image not found"):
+        visualize.main([str(tmp_path / "none.jpg"), "--model", str(tiny_dir), "--caption", "a", "--output", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
