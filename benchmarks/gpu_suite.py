@@ -15,6 +15,7 @@
 4. Training step (batch x K captions, bf16 autocast) with and without gradient checkpointing; then `train.py` under the
    `ddp.yaml` and `fsdp2.yaml` launch configs with one process, and a checkpoint save -> resume giving equal losses.
 5. End-to-end: the retrieval CLI on a synthetic COCO-sized layout in the flair, topk and global modes.
+6. Segmentation: `evaluate_segmentation.py` on a synthetic VOC-sized layout (500 images of 500x375).
 
 `--scale tiny` runs every section at toy sizes (tiny model) so the whole suite can be checked on a CPU.
 Prints a markdown summary and writes JSON.
@@ -46,6 +47,7 @@ import benchmark_towers  # noqa: E402
 import benchmark_training  # noqa: E402
 import convert_flair_to_hf  # noqa: E402
 import evaluate_retrieval  # noqa: E402
+import evaluate_segmentation  # noqa: E402
 from manifest_weights import manifest_state_dict  # noqa: E402
 
 from flair_hf import FlairConfig, FlairModel  # noqa: E402
@@ -56,15 +58,16 @@ SCALES = {
         "model": "vit-b-16", "image_batch": 256, "text_batch": 1024, "iterations": 10, "matmul": 8192,
         "score_sizes": [(5000, 25000), (10000, 10000)], "loop_images": 50,
         "train_batch": 128, "captions_per_image": 8, "train_steps": 5, "launch_steps": 6,
-        "eval_images": 5000, "eval_image_size": 256,
+        "eval_images": 5000, "eval_image_size": 256, "segmentation_images": 500, "segmentation_size": (500, 375),
     },
     "tiny": {
         "model": "tiny", "image_batch": 4, "text_batch": 8, "iterations": 2, "matmul": 256,
         "score_sizes": [(12, 60), (10, 10)], "loop_images": 4,
         "train_batch": 4, "captions_per_image": 3, "train_steps": 2, "launch_steps": 4,
-        "eval_images": 12, "eval_image_size": 40,
+        "eval_images": 12, "eval_image_size": 40, "segmentation_images": 2, "segmentation_size": (64, 48),
     },
 }  # fmt: skip
+SECTIONS = ("correctness", "towers", "scoring", "training", "evaluation", "segmentation")
 # bf16 / fp16 vs fp32: relative error ||x - ref|| / ||ref|| allowed for embeddings and logits
 HALF_TOLERANCE = {"bfloat16": 3e-2, "float16": 5e-3}
 FP32_TOLERANCE = 1e-4
@@ -372,6 +375,34 @@ def evaluation(args, scale: dict, model_dir: Path, directory: Path) -> list[dict
     return rows
 
 
+# 6. segmentation ---------------------------------------------------------------------------------------------------
+
+
+def synthetic_voc(root: Path, images: int, size: tuple[int, int]) -> Path:
+    """A VOC2012 layout with `images` random JPEGs and random 21-class label maps."""
+    base = root / "VOCdevkit" / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"synthetic_{i:06d}" for i in range(images)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(base / "JPEGImages" / f"{name}.jpg")
+        blocks = rng.integers(0, 21, (size[1] // 25 + 1, size[0] // 25 + 1), dtype=np.uint8)
+        Image.fromarray(blocks.repeat(25, 0).repeat(25, 1)[: size[1], : size[0]]).save(base / "SegmentationClass" / f"{name}.png")
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def segmentation(args, scale: dict, model_dir: Path, directory: Path) -> dict:
+    root = synthetic_voc(directory / "segmentation-data", scale["segmentation_images"], scale["segmentation_size"])
+    started = time.perf_counter()
+    result = evaluate_segmentation.main(["--model", str(model_dir), "--benchmark", "voc20", "--data-root", str(root),
+                                         "--device", args.device, "--output", str(directory / "segmentation.json")])[0]  # fmt: skip
+    seconds = time.perf_counter() - started
+    return {"images": result["num_images"], "image_size": list(scale["segmentation_size"]), "wall_seconds": seconds,
+            "evaluate_seconds": result["seconds"], "images_per_second": result["num_images"] / result["seconds"]}  # fmt: skip
+
+
 # report -----------------------------------------------------------------------------------------------------------
 
 
@@ -410,6 +441,10 @@ def markdown(report: dict) -> str:
             r = report["training"][name]
             lines.append(f"- {name}, 1 process: rc {r['returncode']}, {r.get('samples_per_second_per_device', float('nan')):.1f} samples/s, "
                          f"resume equal losses: {r.get('resume_equal_losses')}")  # fmt: skip
+    if "segmentation" in report:
+        r = report["segmentation"]
+        lines += ["", f"- segmentation CLI (voc20 settings): {r['images']} images of {r['image_size'][0]}x{r['image_size'][1]} in "
+                      f"{r['evaluate_seconds']:.1f} s ({r['images_per_second']:.1f} images/s)"]  # fmt: skip
     if "evaluation" in report:
         lines.append("")
         for r in report["evaluation"]:
@@ -423,11 +458,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", required=True, help="JSON file, e.g. benchmarks/results/gpu-h100.json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full", help="full (ViT-B/16, paper sizes) or tiny (dry run)")
-    parser.add_argument("--sections", default="correctness,towers,scoring,training,evaluation")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--skip-pytest", action="store_true", help="do not run pytest tests/test_gpu.py")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",")]
-    unknown = set(sections) - {"correctness", "towers", "scoring", "training", "evaluation"}
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -455,6 +490,8 @@ def main(argv=None) -> dict:
             report["training"] = training(args, scale, peak, directory)
         if "evaluation" in sections:
             report["evaluation"] = evaluation(args, scale, model_dir, directory)
+        if "segmentation" in sections:
+            report["segmentation"] = segmentation(args, scale, model_dir, directory)
     report["suite_seconds"] = time.perf_counter() - started
     print(markdown(report))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

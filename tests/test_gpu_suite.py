@@ -36,5 +36,6 @@ def test_gpu_suite_dry_run_on_cpu(tmp_path, capsys):
     assert [(r["mode"], r["num_images"], r["num_texts"]) for r in report["evaluation"]] == [
         ("flair", 12, 60), ("topk", 12, 60), ("global", 12, 60)
     ]
+    assert report["segmentation"]["images"] == 2 and report["segmentation"]["images_per_second"] > 0
     summary = capsys.readouterr().out
     assert "fp32 vs CPU reference" in summary and "| images x texts |" in summary and "retrieval CLI, topk" in summary

@@ -178,3 +178,18 @@ def test_cli_on_tiny_layouts(tiny_dir, data_root, tmp_path, method, capsys):
 def test_cli_missing_layout_is_one_clear_line(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="error: cityscapes: missing .*leftImg8bit"):
         segmentation_cli.main(["--model", str(tiny_dir), "--benchmark", "cityscapes", "--data-root", str(tmp_path)])
+
+
+def test_readme_segmentation_command(tiny_dir, data_root, tmp_path):
+    import re
+    import shlex
+    import subprocess
+
+    section = (ROOT / "README.md").read_text().split("## Zero-shot semantic segmentation", 1)[1].split("\n## ", 1)[0]
+    command = re.sub(r"\\\n\s*", "", re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]).strip()
+    command = command.replace("flair-merged30m-hf", str(tiny_dir)).replace("/data/segmentation", str(data_root))
+    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
+    result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "segmentation.json").read_text())
+    assert [r["benchmark"] for r in results] == ["voc20", "context59"] and (tmp_path / "segmentation.md").is_file()
