@@ -47,6 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--window-batch", type=int, default=16, help="windows per forward pass (default: 16)")
     parser.add_argument("--max-images", type=int, help="evaluate only the first N images (a quick check)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="load the model in this dtype (default: float32; bfloat16 is faster on GPUs)")  # fmt: skip
     parser.add_argument("--output", default="segmentation_results.json", help="JSON file (default: segmentation_results.json)")
     parser.add_argument("--compare-paper", action="store_true", help="print the published mIoU beside ours where known")
     args = parser.parse_args(argv)
@@ -77,7 +79,7 @@ def main(argv=None) -> list[dict]:
         datasets_to_run = [(name, load_segmentation_benchmark(name, args.data_root, args.max_images)) for name in args.benchmark]
     except BenchmarkDataError as error:
         raise SystemExit(f"error: {error}") from None
-    model = FlairModel.from_pretrained(args.model).to(args.device).eval()
+    model = FlairModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     tokenizer = FlairProcessor.from_pretrained(args.model).tokenizer
     results = []
     for name, dataset in datasets_to_run:
@@ -87,6 +89,7 @@ def main(argv=None) -> list[dict]:
         results.append({
             "benchmark": name, "method": args.method, **metrics, "seconds": time.perf_counter() - start,
             "settings": dataclasses.asdict(settings), "crop": args.crop, "stride": args.stride, "model": str(args.model),
+            "dtype": args.dtype, "device": args.device,
         })  # fmt: skip
     paper = next((v for k, v in PAPER_MIOU.items() if k in str(args.model)), None) if args.compare_paper else None
     table = markdown_table(results, paper)

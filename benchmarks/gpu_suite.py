@@ -396,8 +396,10 @@ def synthetic_voc(root: Path, images: int, size: tuple[int, int]) -> Path:
 def segmentation(args, scale: dict, model_dir: Path, directory: Path) -> dict:
     root = synthetic_voc(directory / "segmentation-data", scale["segmentation_images"], scale["segmentation_size"])
     started = time.perf_counter()
-    result = evaluate_segmentation.main(["--model", str(model_dir), "--benchmark", "voc20", "--data-root", str(root),
-                                         "--device", args.device, "--output", str(directory / "segmentation.json")])[0]  # fmt: skip
+    cli = ["--model", str(model_dir), "--benchmark", "voc20", "--data-root", str(root), "--device", args.device,
+           "--output", str(directory / "segmentation.json")]  # fmt: skip
+    cli += ["--dtype", "bfloat16"] if args.device.startswith("cuda") else []
+    result = evaluate_segmentation.main(cli)[0]
     seconds = time.perf_counter() - started
     return {"images": result["num_images"], "image_size": list(scale["segmentation_size"]), "wall_seconds": seconds,
             "evaluate_seconds": result["seconds"], "images_per_second": result["num_images"] / result["seconds"]}  # fmt: skip

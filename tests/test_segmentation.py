@@ -163,15 +163,17 @@ def test_an_oracle_model_scores_miou_100(tmp_path):
     torch.testing.assert_close(queries, F.one_hot(query_to_class, 32).float())
 
 
-@pytest.mark.parametrize("method", ["similarity", "attention"])
-def test_cli_on_tiny_layouts(tiny_dir, data_root, tmp_path, method, capsys):
+@pytest.mark.parametrize("method, dtype", [("similarity", "float32"), ("attention", "bfloat16")])
+def test_cli_on_tiny_layouts(tiny_dir, data_root, tmp_path, method, dtype, capsys):
     output = tmp_path / "results.json"
     results = segmentation_cli.main(["--model", str(tiny_dir), "--benchmark", "voc20", "--benchmark", "voc21", "--benchmark",
-                                     "voc20", "--data-root", str(data_root), "--method", method, "--output", str(output)])  # fmt: skip
+                                     "voc20", "--data-root", str(data_root), "--method", method, "--output", str(output),
+                                     "--dtype", dtype])  # fmt: skip
     assert [r["benchmark"] for r in results] == ["voc20", "voc21"]  # the repeated benchmark runs once
     assert json.loads(output.read_text()) == json.loads(json.dumps(results))
     assert 0 <= results[0]["mIoU"] <= 100 and len(results[0]["per_class_IoU"]) == 20 and results[0]["num_images"] == 2
     assert results[1]["settings"]["area_thd"] == 0.1 and results[1]["settings"]["logit_scale"] == 65
+    assert results[0]["dtype"] == dtype
     assert f"| voc20 | {method} | 2 |" in output.with_suffix(".md").read_text() and "| voc21 |" in capsys.readouterr().out
 
 
