@@ -21,12 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .dense import caption_attention_maps
 
 IGNORE_INDEX = 255
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def preprocess_image(image: Image.Image, short_side: int, max_long_side: int = 2
     size = (int(height * scale + 0.5), int(width * scale + 0.5))
     array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
     resized = F.interpolate(array, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255) / 255.0
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     return (resized - mean) / std
 
 
