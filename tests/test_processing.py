@@ -158,3 +158,36 @@ def test_processor_single_and_batch(tmp_path):
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(reloaded).__name__ == "FlairProcessor"
     assert torch.equal(reloaded(text=["a dog"])["input_ids"], processor(text=["a dog"])["input_ids"])
+
+
+def test_plain_text_fast_path_equals_the_full_cleaning():
+    """ftfy and HTML unescaping are skipped for plain ASCII without '&': the result must be what they would give."""
+    import html
+    import random
+
+    import ftfy
+
+    from flair_hf.processing_flair import _PLAIN_TEXT, clean_caption
+
+    alphabet = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "&"] + ["\t", "\n", "\r", "\r\n"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(2000)]
+    texts += ["Quote 'single' \"double\" <b>tag</b> a;b#c", "  spaced\r\nlines\tand tabs  ", "", "~`!@#$%^*()_+{}|:<>?"]
+    for text in texts:
+        assert _PLAIN_TEXT.fullmatch(text)
+        full = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).strip().split()).lower()
+        assert clean_caption(text) == full, repr(text)
+    for text in ("fish &amp; chips", "caf\u00e9", "\u201cquoted\u201d", "bell\x07", "esc\x1b[31m"):
+        assert not _PLAIN_TEXT.fullmatch(text)
+
+
+def test_batched_tensors_equal_one_by_one(tokenizer):
+    texts = ["a dog", "a much longer caption about a cat on a mat", ""]
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (3, 77)
+    for row, text in enumerate(texts):
+        single = tokenizer(text, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        assert torch.equal(batch["input_ids"][row], single["input_ids"][0])
+        assert torch.equal(batch["attention_mask"][row], single["attention_mask"][0])
+    longest = tokenizer(texts, padding=True, return_tensors="np")
+    assert longest["input_ids"].shape == (3, len(tokenizer(texts[1])["input_ids"]))

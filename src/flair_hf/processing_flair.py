@@ -3,9 +3,11 @@
 import gzip
 import html
 import os
+import re
 
 import ftfy
 import numpy as np
+import torch
 from tokenizers import Regex, pre_tokenizers
 from PIL import Image, UnidentifiedImageError
 from transformers import CLIPTokenizer
@@ -140,9 +142,15 @@ def _center_crop(image: Image.Image, crop_height: int, crop_width: int) -> Image
     return image.crop((left, top, left + crop_width, top + crop_height))
 
 
+# printable ASCII and line breaks without "&": ftfy and HTML unescaping leave such text unchanged (ftfy only touches
+# non-ASCII characters, control characters, terminal escapes and HTML entities; line breaks fold into spaces anyway)
+_PLAIN_TEXT = re.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
+
+
 def clean_caption(text: str) -> str:
     """open_clip's text cleaning: ftfy, HTML unescaping (twice), whitespace folding, lowercasing."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if not _PLAIN_TEXT.fullmatch(text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
 
@@ -185,11 +193,23 @@ class FlairTokenizer(CLIPTokenizer):
     def pad_token_id(self) -> int:
         return FLAIR_PAD_TOKEN_ID
 
-    def _encode_plus(self, text, text_pair=None, is_split_into_words: bool = False, **kwargs):
+    def _encode_plus(self, text, text_pair=None, is_split_into_words: bool = False, return_tensors=None, **kwargs):
         if not is_split_into_words:
             text = _map_texts(clean_caption, text)
             text_pair = _map_texts(clean_caption, text_pair)
-        return super()._encode_plus(text, text_pair, is_split_into_words=is_split_into_words, **kwargs)
+        # a batch padded to one length becomes tensors through numpy, far faster than the generic nested-list path
+        batched = isinstance(text, (list, tuple)) and not is_split_into_words and return_tensors in ("pt", "np")
+        encoding = super()._encode_plus(
+            text, text_pair, is_split_into_words=is_split_into_words, return_tensors=None if batched else return_tensors, **kwargs
+        )
+        if batched:
+            rectangular = len({len(ids) for ids in encoding["input_ids"]}) <= 1
+            if not rectangular:
+                return encoding.convert_to_tensors(return_tensors)
+            for key, value in encoding.items():
+                array = np.array(value, dtype=np.int64).reshape(len(value), -1)
+                encoding[key] = torch.from_numpy(array) if return_tensors == "pt" else array
+        return encoding
 
     @classmethod
     def from_bpe_vocab(cls, bpe_path: str | os.PathLike | None = None, **kwargs) -> "FlairTokenizer":
