@@ -16,7 +16,8 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.processing_utils import ProcessorMixin
-from transformers.utils import TensorType
+from transformers.tokenization_utils_base import BatchEncoding
+from transformers.utils import PaddingStrategy, TensorType
 
 
 FLAIR_PAD_TOKEN_ID = 0  # open_clip pads with id 0, which is the vocabulary entry "!"
@@ -193,23 +194,30 @@ class FlairTokenizer(CLIPTokenizer):
     def pad_token_id(self) -> int:
         return FLAIR_PAD_TOKEN_ID
 
-    def _encode_plus(self, text, text_pair=None, is_split_into_words: bool = False, return_tensors=None, **kwargs):
+    def _encode_plus(self, text, text_pair=None, is_split_into_words: bool = False, **kwargs):
         if not is_split_into_words:
             text = _map_texts(clean_caption, text)
             text_pair = _map_texts(clean_caption, text_pair)
-        # a batch padded to one length becomes tensors through numpy, far faster than the generic nested-list path
-        batched = isinstance(text, (list, tuple)) and not is_split_into_words and return_tensors in ("pt", "np")
-        encoding = super()._encode_plus(
-            text, text_pair, is_split_into_words=is_split_into_words, return_tensors=None if batched else return_tensors, **kwargs
-        )
-        if batched:
-            rectangular = len({len(ids) for ids in encoding["input_ids"]}) <= 1
-            if not rectangular:
-                return encoding.convert_to_tensors(return_tensors)
-            for key, value in encoding.items():
-                array = np.array(value, dtype=np.int64).reshape(len(value), -1)
-                encoding[key] = torch.from_numpy(array) if return_tensors == "pt" else array
-        return encoding
+        if _is_padded_tensor_batch(text, text_pair, is_split_into_words, kwargs):
+            return self._encode_padded_batch(text, **kwargs)
+        return super()._encode_plus(text, text_pair, is_split_into_words=is_split_into_words, **kwargs)
+
+    def _encode_padded_batch(self, texts, padding_strategy, truncation_strategy, max_length=None, pad_to_multiple_of=None,
+                             padding_side=None, return_tensors=None, return_attention_mask=None, **_) -> BatchEncoding:  # fmt: skip
+        """A padded batch of texts straight from the Rust encodings into arrays: the common processor call, which the
+        generic path spends most of its time converting (per-encoding dicts, nested-list tensors)."""
+        self.set_truncation_and_padding(
+            padding_strategy=padding_strategy, truncation_strategy=truncation_strategy, max_length=max_length,
+            stride=0, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+        )  # fmt: skip
+        self._tokenizer.encode_special_tokens = False
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=True)
+        data = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64)}
+        if return_attention_mask is not False:
+            data["attention_mask"] = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        if return_tensors == "pt":
+            data = {key: torch.from_numpy(value) for key, value in data.items()}
+        return BatchEncoding(data, encodings)
 
     @classmethod
     def from_bpe_vocab(cls, bpe_path: str | os.PathLike | None = None, **kwargs) -> "FlairTokenizer":
@@ -217,6 +225,18 @@ class FlairTokenizer(CLIPTokenizer):
         vocab, merges = _read_bpe_vocab(bpe_path or os.path.join(os.path.dirname(__file__), "bpe_simple_vocab_16e6.txt.gz"))
         kwargs.setdefault("model_max_length", 77)
         return cls(vocab=vocab, merges=merges, **kwargs)
+
+
+def _is_padded_tensor_batch(text, text_pair, is_split_into_words: bool, kwargs: dict) -> bool:
+    """A list of strings, padded, to tensors, with special tokens and no extra outputs."""
+    extras = ("return_token_type_ids", "return_overflowing_tokens", "return_special_tokens_mask", "return_offsets_mapping",
+              "return_length", "split_special_tokens", "stride", "sanitize_control_tokens")  # fmt: skip
+    return (
+        isinstance(text, (list, tuple)) and len(text) > 0 and all(isinstance(t, str) for t in text)
+        and text_pair is None and not is_split_into_words and kwargs.get("return_tensors") in ("pt", "np")
+        and kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD) != PaddingStrategy.DO_NOT_PAD
+        and kwargs.get("add_special_tokens", True) and not any(kwargs.get(name) for name in extras)
+    )  # fmt: skip
 
 
 def _map_texts(function, texts):
