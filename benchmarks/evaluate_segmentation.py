@@ -28,8 +28,16 @@ from flair_hf.segmentation_data import SEGMENTATION_LAYOUTS, load_segmentation_b
 PAPER_MIOU = {"flair-merged30m": {"voc20": 73.0}}
 
 
+OBTAINING = """obtaining the data (mmsegmentation's preparation, which these layouts follow):
+  VOC2012 from the PASCAL VOC site; PASCAL-Context: VOC2010 images + Context labels via mmseg's
+  tools/dataset_converters/pascal_context.py; COCO-Stuff164k images + stuffthingmaps via mmseg's coco_stuff164k.py;
+  COCO-Object _instanceTrainIds.png from the COCO instance annotations via SCLIP's cvt_coco_object.py; Cityscapes
+  leftImg8bit + gtFine (registration) via csCreateTrainIdLabelImgs; ADE20K ADEChallengeData2016.zip."""
+
+
 def parse_args(argv=None):
     layouts = "layouts under --data-root:\n" + "\n".join(f"  {name}: {layout}" for name, layout in SEGMENTATION_LAYOUTS.items())
+    layouts += "\n\n" + OBTAINING
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=layouts, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -195,3 +195,10 @@ def test_readme_segmentation_command(tiny_dir, data_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "segmentation.json").read_text())
     assert [r["benchmark"] for r in results] == ["voc20", "context59"] and (tmp_path / "segmentation.md").is_file()
+
+
+def test_help_lists_layouts_and_how_to_obtain_them(capsys):
+    with pytest.raises(SystemExit):
+        segmentation_cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert "ADEChallengeData2016/{images/validation" in text and "csCreateTrainIdLabelImgs" in text and "--prob-thd" in text
