@@ -191,3 +191,5 @@ def test_batched_tensors_equal_one_by_one(tokenizer):
         assert torch.equal(batch["attention_mask"][row], single["attention_mask"][0])
     longest = tokenizer(texts, padding=True, return_tensors="np")
     assert longest["input_ids"].shape == (3, len(tokenizer(texts[1])["input_ids"]))
+    with pytest.raises(ValueError, match="pass truncation=True"):
+        tokenizer(["word " * 100, "a"], padding="max_length", max_length=77, return_tensors="pt")

@@ -210,8 +210,14 @@ class FlairTokenizer(CLIPTokenizer):
             padding_strategy=padding_strategy, truncation_strategy=truncation_strategy, max_length=max_length,
             stride=0, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
         )  # fmt: skip
-        self._tokenizer.encode_special_tokens = False
+        self._tokenizer.encode_special_tokens = bool(self.split_special_tokens)
         encodings = self._tokenizer.encode_batch(texts, add_special_tokens=True)
+        lengths = {len(e.ids) for e in encodings}
+        if len(lengths) > 1:
+            raise ValueError(
+                f"cannot make tensors of sequences of {min(lengths)} to {max(lengths)} tokens: pass truncation=True "
+                f"(the processor does, at 77) or padding='longest'"
+            )
         data = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64)}
         if return_attention_mask is not False:
             data["attention_mask"] = np.array([e.attention_mask for e in encodings], dtype=np.int64)
