@@ -4,7 +4,14 @@ Importing `flair_hf` registers the FLAIR classes with the transformers Auto clas
 `save_pretrained` writes an `auto_map` and the source files for loading with `trust_remote_code=True`.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+    AutoTokenizer,
+)
 
 from .configuration_flair import FlairConfig, FlairTextConfig, FlairVisionConfig
 from .modeling_flair import FlairModel, FlairOutput, FlairPreTrainedModel
@@ -14,6 +21,7 @@ __version__ = "0.1.0"
 
 AutoConfig.register(FlairConfig.model_type, FlairConfig, exist_ok=True)
 AutoModel.register(FlairConfig, FlairModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(FlairConfig, FlairModel, exist_ok=True)  # pipelines
 AutoTokenizer.register(FlairConfig, FlairTokenizer, exist_ok=True)
 AutoImageProcessor.register(FlairConfig, FlairImageProcessor, exist_ok=True)
 AutoProcessor.register(FlairConfig, FlairProcessor, exist_ok=True)

@@ -429,6 +429,15 @@ class FlairModel(FlairPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.embeddings.token_embedding
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; when it writes remote code, `auto_map` also names this class for
+        `AutoModelForZeroShotImageClassification`, so `pipeline("zero-shot-image-classification")` finds it."""
+        if self._auto_class is not None:
+            entry = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            self.config.auto_map = {**auto_map, "AutoModelForZeroShotImageClassification": entry}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Global text embeddings `(T, D)`, not normalised: the end-of-text state projected by `text_projection`."""
         return self.text_projection(self.text_model(input_ids, attention_mask).pooler_output)
