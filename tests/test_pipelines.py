@@ -57,3 +57,15 @@ def test_zero_shot_pipeline_from_remote_code_only(tiny_dir, tiny_model, tmp_path
     assert scores == pytest.approx(expected, abs=1e-5)
     config = json.loads((tiny_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_flair.FlairModel"
+
+
+def test_readme_pipeline_example_runs(tiny_dir, tmp_path):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "zero-shot-image-classification" in b)
+    example = example.replace('"flair-cc3m-recap-hf"', repr(str(tiny_dir))) + "\nprint(classifier.__class__.__name__)\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ZeroShotImageClassificationPipeline" in result.stdout
