@@ -343,10 +343,16 @@ Logits of this model against an independent forward from the original tensors (f
 """
 
 
+def shareable_source(source: str) -> str:
+    """What generated files say the model was converted from: a released name as is, a local file by name only."""
+    return source if source in RELEASED_CHECKPOINTS else Path(source).name
+
+
 def push_to_hub(directory: Path, repo_id: str, source: str, differences: dict | None) -> None:
     """Upload `directory` (with a generated model card) to `repo_id`; a clear error when the Hub is unreachable."""
     from huggingface_hub import HfApi
 
+    source = shareable_source(source)
     (directory / "README.md").write_text(model_card(repo_id, source, differences))
     try:
         api = HfApi()
@@ -386,7 +392,7 @@ def convert(source: str, output_dir: str | os.PathLike, model_cfg: dict | None =
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if differences is not None:
-            (staging / "conversion_parity.json").write_text(json.dumps({"source": source, "max_abs_difference": differences}, indent=2))
+            (staging / "conversion_parity.json").write_text(json.dumps({"source": shareable_source(source), "max_abs_difference": differences}, indent=2))
         if output_dir.exists():
             output_dir.rmdir()
         os.replace(staging, output_dir)

@@ -147,11 +147,27 @@ def test_push_to_hub_uploads_folder_with_model_card(monkeypatch, tmp_path, tiny_
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     folder = tmp_path / "model"
     shutil.copytree(tiny_dir, folder)
-    converter.push_to_hub(folder, "me/flair-tiny", "flair-tiny.pt", {"logits_per_image": 1e-6})
+    converter.push_to_hub(folder, "me/flair-tiny", str(tmp_path / "private" / "flair-tiny.pt"), {"logits_per_image": 1e-6})
     assert calls[0] == ("create_repo", "me/flair-tiny", True)
     assert calls[1][0] == "upload_folder" and {"README.md", "model.safetensors", "modeling_flair.py"} <= set(calls[1][2])
     card = (folder / "README.md").read_text()
     assert "trust_remote_code=True" in card and "1.00e-06" in card and "@inproceedings" in card
+    assert "flair-tiny.pt" in card and str(tmp_path) not in card  # file name only, no local path
+
+
+def test_converted_files_hold_no_local_paths(tiny_converted):
+    """Nothing written for sharing names a path on this machine: the checkpoint is named by file name only."""
+    import json
+
+    from conftest import FIXTURES
+
+    for directory in tiny_converted.values():
+        parity = json.loads((directory / "conversion_parity.json").read_text())
+        assert parity["source"] in ("flair-tiny-state-dict.pt", "flair-tiny-train-ckpt.pt")
+        for path in directory.iterdir():
+            if path.suffix in (".json", ".py", ".md", ".txt"):
+                text = path.read_text()
+                assert str(FIXTURES) not in text and str(directory) not in text and "/tmp/" not in text, path.name
 
 
 def test_push_to_hub_offline_fails_clearly(monkeypatch, tmp_path, tiny_dir):
