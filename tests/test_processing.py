@@ -193,3 +193,12 @@ def test_batched_tensors_equal_one_by_one(tokenizer):
     assert longest["input_ids"].shape == (3, len(tokenizer(texts[1])["input_ids"]))
     with pytest.raises(ValueError, match="pass truncation=True"):
         tokenizer(["word " * 100, "a"], padding="max_length", max_length=77, return_tensors="pt")
+
+
+def test_empty_batches_have_batch_shapes(tokenizer, image_processor):
+    from flair_hf import FlairProcessor
+
+    processor = FlairProcessor(image_processor, tokenizer)
+    out = processor(text=[], images=[])
+    assert out["input_ids"].shape == (0, 77) and out["input_ids"].dtype == torch.long
+    assert out["attention_mask"].shape == (0, 77) and out["pixel_values"].shape == (0, 3, 224, 224)

@@ -245,6 +245,10 @@ def _is_padded_tensor_batch(text, text_pair, is_split_into_words: bool, kwargs: 
     )  # fmt: skip
 
 
+def _is_empty_batch(inputs) -> bool:
+    return isinstance(inputs, (list, tuple)) and len(inputs) == 0
+
+
 def _map_texts(function, texts):
     if texts is None:
         return None
@@ -291,9 +295,17 @@ class FlairProcessor(ProcessorMixin):
         encoding = {}
         if text is not None:
             text_kwargs = {"padding": "max_length", "truncation": True, "max_length": 77, **kwargs}
-            encoding.update(self.tokenizer(text, return_tensors=return_tensors, **text_kwargs))
+            if _is_empty_batch(text):  # a batch of no texts: (0, max_length), not an error from inside the tokenizer
+                empty = np.zeros((0, text_kwargs["max_length"]), dtype=np.int64)
+                encoding.update(input_ids=empty, attention_mask=empty.copy())
+            else:
+                encoding.update(self.tokenizer(text, return_tensors=return_tensors, **text_kwargs))
         if images is not None:
-            encoding.update(self.image_processor(images, return_tensors=return_tensors))
+            if _is_empty_batch(images):  # (0, 3, H, W) like any other batch
+                crop = self.image_processor.crop_size
+                encoding["pixel_values"] = np.zeros((0, 3, crop["height"], crop["width"]), dtype=np.float32)
+            else:
+                encoding.update(self.image_processor(images, return_tensors=return_tensors))
         return BatchFeature(data=encoding, tensor_type=return_tensors)
 
 
