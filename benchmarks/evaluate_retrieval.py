@@ -22,7 +22,7 @@ import torch
 
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.evaluation import MODES, evaluate_retrieval
-from flair_hf.retrieval_data import LAYOUTS, load_benchmark, load_hub_benchmark
+from flair_hf.retrieval_data import LAYOUTS, BenchmarkDataError, load_benchmark, load_hub_benchmark
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Published R@1 (FLAIR README; flair mode, amp): checkpoint -> benchmark -> (text->image, image->text)
@@ -80,41 +80,51 @@ def paper_numbers(model_id: str) -> dict | None:
     return next((numbers for name, numbers in PAPER_R1.items() if name in str(model_id)), None)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def parse_args(argv=None):
     layouts = "original layouts under --data-root:\n" + "\n".join(f"  {name}: {layout}" for name, layout in LAYOUTS.items())
-    parser = argparse.ArgumentParser(
-        description=__doc__, epilog=layouts, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, epilog=layouts, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="converted FLAIR directory or Hub id")
     parser.add_argument("--benchmark", action="append", choices=sorted(LAYOUTS), help="repeat for several")
     parser.add_argument("--data-root", help="root holding the benchmarks' original layouts")
     parser.add_argument("--hub-dataset", help="evaluate a Hub dataset copy instead of a local layout (online only)")
-    parser.add_argument("--hub-split", default="test")
-    parser.add_argument("--hub-image-column", default="image")
-    parser.add_argument("--hub-caption-column", default="caption")
-    parser.add_argument("--mode", choices=MODES, default="flair")
-    parser.add_argument("--topk", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hub-split", default="test", help="split of --hub-dataset")
+    parser.add_argument("--hub-image-column", default="image", help="image column of --hub-dataset")
+    parser.add_argument("--hub-caption-column", default="caption", help="caption column of --hub-dataset")
+    parser.add_argument("--mode", choices=MODES, default="flair", help="scoring: text-conditioned, top-k re-scored or global")
+    parser.add_argument("--topk", type=int, default=128, help="captions per image re-scored in topk mode")
+    parser.add_argument("--batch-size", type=int, default=64, help="images / texts per encoding batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--autocast", choices=sorted(AUTOCAST), help="CUDA autocast dtype for encoding and scoring")
     parser.add_argument("--cache-dir", help="cache features here (safetensors, keyed by model and data)")
-    parser.add_argument("--output", default="retrieval_results.json")
+    parser.add_argument("--output", default="retrieval_results.json", help="JSON file; the markdown table goes next to it (.md)")
     parser.add_argument("--compare-paper", action="store_true", help="print the paper's R@1 beside ours where known")
     args = parser.parse_args(argv)
     if bool(args.hub_dataset) == bool(args.benchmark):
         parser.error("give --benchmark (with --data-root) or --hub-dataset")
     if args.benchmark and not args.data_root:
         parser.error("--benchmark needs --data-root (the original layouts; see --help)")
+    if args.benchmark:
+        args.benchmark = list(dict.fromkeys(args.benchmark))  # the same benchmark twice runs once
+    model = Path(args.model)
+    if not model.is_dir() and (model.is_absolute() or args.model.startswith(".") or args.model.count("/") != 1):
+        parser.error(f"--model {args.model}: no such directory, and not a Hub repo id (owner/name)")
     return args
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    datasets_to_run = (
-        [(name, load_benchmark(name, args.data_root)) for name in args.benchmark]
-        if args.benchmark
-        else [(args.hub_dataset, load_hub_benchmark(args.hub_dataset, args.hub_split, args.hub_image_column, args.hub_caption_column))]
-    )  # every image is checked before any model work
+    try:  # every image is checked before any model work
+        datasets_to_run = (
+            [(name, load_benchmark(name, args.data_root)) for name in args.benchmark]
+            if args.benchmark
+            else [(args.hub_dataset, load_hub_benchmark(args.hub_dataset, args.hub_split, args.hub_image_column, args.hub_caption_column))]
+        )
+    except BenchmarkDataError as error:
+        raise SystemExit(f"error: {error}") from None
     model = FlairModel.from_pretrained(args.model).to(args.device).eval()
     processor = FlairProcessor.from_pretrained(args.model)
     revision = model_revision(model, args.model)
@@ -124,10 +134,13 @@ def main(argv=None) -> list[dict]:
         result.update({"mode": args.mode, "topk": args.topk if args.mode == "topk" else None, "model": str(args.model)})
         result.update({"model_revision": revision, "device": args.device, "autocast": args.autocast})
         results.append(result)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2))
-    print(markdown_table(results, paper_numbers(args.model) if args.compare_paper else None))
-    print(f"wrote {args.output}")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    table = markdown_table(results, paper_numbers(args.model) if args.compare_paper else None)
+    output.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {output} and {output.with_suffix('.md')}")
     return results
 
 

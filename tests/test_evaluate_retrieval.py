@@ -81,3 +81,32 @@ def test_flatten_captions_orders_by_caption_id():
     captions, owners = flatten_captions(dataset)
     assert captions == ["a", "b", "c", "d"] and owners.tolist() == [1, 0, 1, 0]
     assert isinstance(owners, np.ndarray)
+
+
+def test_user_errors_are_one_clear_line(tiny_dir, data_root, tmp_path, capsys):
+    import json as json_module
+    import shutil
+
+    with pytest.raises(SystemExit):
+        evaluate_retrieval.main(["--model", str(tmp_path / "no-such-model"), "--benchmark", "coco", "--data-root", str(data_root)])
+    assert "no such directory, and not a Hub repo id" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: coco: missing annotation file"):
+        evaluate_retrieval.main(["--model", str(tiny_dir), "--benchmark", "coco", "--data-root", str(tmp_path)])
+    broken = tmp_path / "broken"
+    shutil.copytree(data_root / "coco", broken / "coco")
+    annotations = broken / "coco" / "annotations" / "captions_val2017.json"
+    data = json_module.loads(annotations.read_text())
+    data["annotations"][0]["image_id"] = 999
+    annotations.write_text(json_module.dumps(data))
+    with pytest.raises(SystemExit, match="refers to image_id 999, which is not among the file's images"):
+        evaluate_retrieval.main(["--model", str(tiny_dir), "--benchmark", "coco", "--data-root", str(broken)])
+
+
+def test_markdown_next_to_json_rounded_recalls_and_defaults_in_help(tiny_dir, data_root, tmp_path, capsys):
+    results = run(tiny_dir, data_root, tmp_path, "--benchmark", "coco", "--benchmark", "coco", "--mode", "global")
+    assert len(results) == 1  # the same benchmark twice runs once
+    assert (tmp_path / "results.md").read_text().startswith("| benchmark | mode |")
+    assert all(value == round(value, 4) for key, value in results[0]["metrics"].items() if "_R@" in key)
+    with pytest.raises(SystemExit):
+        evaluate_retrieval.main(["--help"])
+    assert "(default: flair)" in capsys.readouterr().out

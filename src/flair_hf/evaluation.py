@@ -50,8 +50,8 @@ def retrieval_metrics(scores: np.ndarray, text_to_image: np.ndarray, k_values=(1
     i2t = np.array([caption_ranks[b, text_to_image == b].min() for b in images])
     result = {}
     for name, ranks in (("text_to_image", t2i), ("image_to_text", i2t)):
-        for k in k_values:
-            result[f"{name}_R@{k}"] = float(100.0 * np.mean(ranks < k))
+        for k in k_values:  # percentages to 4 decimals: 58.0, not 57.99999999999999
+            result[f"{name}_R@{k}"] = round(float(100.0 * np.mean(ranks < k)), 4)
         result[f"{name}_mean_rank"] = float(np.mean(ranks + 1))
         result[f"{name}_median_rank"] = float(np.floor(np.median(ranks)) + 1)
     result["num_texts"], result["num_images"] = int(scores.shape[0]), int(scores.shape[1])

@@ -61,6 +61,11 @@ def _coco(root: Path):
     files = {image["id"]: image["file_name"] for image in data["images"]}
     by_image = {image_id: ([], []) for image_id in files}
     for caption_id, annotation in enumerate(data["annotations"]):
+        if annotation["image_id"] not in by_image:
+            raise BenchmarkDataError(
+                f"coco: caption {annotation.get('id', caption_id)} refers to image_id {annotation['image_id']}, which is "
+                "not among the file's images: the annotation file is inconsistent (use the original captions_val2017.json)"
+            )
         captions, ids = by_image[annotation["image_id"]]
         captions.append(annotation["caption"])
         ids.append(caption_id)
