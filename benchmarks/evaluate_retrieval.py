@@ -34,20 +34,32 @@ PAPER_R1 = {
 }
 
 
+def file_digest(path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def model_revision(model: FlairModel, model_id: str) -> str:
-    """Hub commit for Hub models; for local directories a hash of the weights file's size and modification time."""
+    """Hub commit for Hub models; for local directories a hash of the contents of every weights file (sharded too)."""
     commit = getattr(model.config, "_commit_hash", None)
     if commit:
         return commit
-    weights = Path(model_id) / "model.safetensors"
-    if weights.is_file():
-        stat = weights.stat()
-        return "local-" + hashlib.sha256(f"{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return "unknown"
+    weights = sorted(Path(model_id).glob("*.safetensors"))
+    if not weights:
+        raise SystemExit(f"--model {model_id}: no .safetensors weights to key the feature cache on")
+    digest = hashlib.sha256("".join(f"{path.name}:{file_digest(path)};" for path in weights).encode())
+    return "local-" + digest.hexdigest()[:16]
 
 
 def cache_key(revision: str, benchmark: str, dataset, dtype: str) -> str:
-    data = [list(dataset["image_path"]), [list(c) for c in dataset["captions"]]]
+    """Model revision, benchmark, dtype, every caption and every image's path and content hash: an image changed in
+    place gets new features, never stale ones."""
+    paths = list(dataset["image_path"])
+    data = [paths, [file_digest(path) for path in paths], [list(c) for c in dataset["captions"]]]
     digest = hashlib.sha256(json.dumps([revision, benchmark, dtype, data]).encode())
     return f"{benchmark}-{digest.hexdigest()[:24]}"
 
@@ -60,6 +72,8 @@ def evaluate_benchmark(model, processor, dataset, benchmark, args, revision) -> 
     result = evaluate_retrieval(
         model, processor, dataset, args.mode, args.topk, args.batch_size, args.device, autocast_dtype, cache_path
     )
+    if cache_path is not None:
+        print(f"{benchmark}: feature cache {'hit' if result['timings']['cached_features'] else 'written'}: {cache_path}")
     return {"benchmark": benchmark, **result}
 
 

@@ -110,3 +110,37 @@ def test_markdown_next_to_json_rounded_recalls_and_defaults_in_help(tiny_dir, da
     with pytest.raises(SystemExit):
         evaluate_retrieval.main(["--help"])
     assert "(default: flair)" in capsys.readouterr().out
+
+
+def test_cache_is_keyed_on_image_contents_and_weights(tiny_dir, data_root, tmp_path, capsys):
+    import os
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "flickr30k-images", root / "flickr30k-images")
+    cache = tmp_path / "cache"
+    first = run(tiny_dir, root, tmp_path, "--benchmark", "flickr30k", "--mode", "global", "--cache-dir", str(cache))[0]
+    assert "flickr30k: feature cache written" in capsys.readouterr().out
+    again = run(tiny_dir, root, tmp_path, "--benchmark", "flickr30k", "--mode", "global", "--cache-dir", str(cache))[0]
+    assert again["timings"]["cached_features"] is True and "feature cache hit" in capsys.readouterr().out
+    # an image replaced in place, with its old modification time: new content -> new features, not the stale ones
+    image = sorted((root / "flickr30k-images").glob("*.jpg"))[0]
+    stat = image.stat()
+    Image.fromarray(np.full((24, 32, 3), 200, dtype=np.uint8)).save(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = run(tiny_dir, root, tmp_path, "--benchmark", "flickr30k", "--mode", "global", "--cache-dir", str(cache))[0]
+    assert changed["timings"]["cached_features"] is False and len(list(cache.glob("*.safetensors"))) == 2
+    # another local model (same file names, other weights) never shares entries
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_dir, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(other / "model.safetensors")
+    weights["logit_scale"] = weights["logit_scale"] + 1
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    result = evaluate_retrieval.main(["--model", str(other), "--benchmark", "flickr30k", "--data-root", str(root), "--mode",
+                                      "global", "--cache-dir", str(cache), "--output", str(tmp_path / "o.json")])[0]  # fmt: skip
+    assert result["timings"]["cached_features"] is False and result["model_revision"] != first["model_revision"]
