@@ -278,6 +278,8 @@ def resolve_source(source: str, cache_dir: str | None = None) -> Path:
     if source in RELEASED_CHECKPOINTS:
         from huggingface_hub import hf_hub_download
 
+        print(f"downloading {source}.pt from the Hub repository {HUB_REPO} (offline? set HF_HUB_OFFLINE=1 to fail at once)",
+              file=sys.stderr)  # fmt: skip
         try:
             return Path(hf_hub_download(HUB_REPO, f"{source}.pt", cache_dir=cache_dir))
         except Exception as error:  # noqa: BLE001 - any Hub failure gets the same actionable message
@@ -368,7 +370,9 @@ def push_to_hub(directory: Path, repo_id: str, source: str, differences: dict | 
 def convert(source: str, output_dir: str | os.PathLike, model_cfg: dict | None = None, run_verify: bool = False) -> dict:
     """Convert `source` into `output_dir` atomically; return a report (timings, parity differences)."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"{output_dir}: exists and is a file; the output must be a new or empty directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
         raise ConversionError(f"{output_dir}: output directory exists and is not empty")
     start = time.perf_counter()
     checkpoint = resolve_source(source)
@@ -402,6 +406,24 @@ def convert(source: str, output_dir: str | os.PathLike, model_cfg: dict | None =
     return {"source": str(checkpoint), "output_dir": str(output_dir), "seconds": time.perf_counter() - start, "max_abs_difference": differences}
 
 
+def read_open_clip_config(path: str) -> dict:
+    """open_clip's `model_cfg` from a JSON file (the file itself, or its `model_cfg` entry); clear errors otherwise."""
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ConversionError(f"--open-clip-config {path}: no such file")
+    try:
+        loaded = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"--open-clip-config {path}: not valid JSON ({error})") from None
+    model_cfg = loaded.get("model_cfg", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(model_cfg, dict) or not {"vision_cfg", "text_cfg", "embed_dim"} <= set(model_cfg):
+        raise ConversionError(
+            f"--open-clip-config {path}: needs open_clip's model config (embed_dim, vision_cfg, text_cfg), at the top "
+            "level or under model_cfg, as open_clip's model_configs/*.json"
+        )
+    return model_cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a local .pt file or a released checkpoint name: " + ", ".join(RELEASED_CHECKPOINTS))
@@ -412,11 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         "--open-clip-config", metavar="JSON", help="open_clip model config (a file with `model_cfg`) for non-ViT-B-16 models"
     )
     args = parser.parse_args(argv)
-    model_cfg = None
-    if args.open_clip_config:
-        loaded = json.loads(Path(args.open_clip_config).read_text())
-        model_cfg = loaded.get("model_cfg", loaded)
     try:
+        model_cfg = read_open_clip_config(args.open_clip_config) if args.open_clip_config else None
         report = convert(args.source, args.output_dir, model_cfg, run_verify=args.verify)
         if args.push_to_hub:
             push_to_hub(Path(args.output_dir), args.push_to_hub, args.source, report["max_abs_difference"])

@@ -198,3 +198,21 @@ def test_every_manifest_key_is_mapped():
     assert set(converted) == set(model.state_dict())
 
 
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    from conftest import FIXTURES
+
+    tiny = str(FIXTURES / "tiny" / "flair-tiny-state-dict.pt")
+    (tmp_path / "bad.json").write_text('{"model_cfg": {"embed_dim": 32}}')
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        ([tiny, str(tmp_path / "o1"), "--open-clip-config", str(tmp_path / "missing.json")], "--open-clip-config .*missing.json: no such file"),
+        ([tiny, str(tmp_path / "o2"), "--open-clip-config", str(tmp_path / "bad.json")], "needs open_clip's model config"),
+        ([tiny, str(tmp_path / "a-file"), "--open-clip-config", str(FIXTURES / "tiny" / "open_clip_config.json")], "exists and is a file"),
+    ]
+    for args, message in cases:
+        assert converter.main(args) == 1
+        err = capsys.readouterr().err
+        assert __import__("re").search(message, err) and err.count("\n") == 1 and err.startswith("error: "), err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
