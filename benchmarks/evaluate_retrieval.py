@@ -32,6 +32,8 @@ PAPER_R1 = {
     "flair-yfcc15m-recap": {"coco": (51.2, 67.3), "flickr30k": (79.2, 93.3)},
     "flair-merged30m": {"coco": (53.3, 68.0), "flickr30k": (81.1, 94.7)},
 }
+# the sets those numbers were measured on (images, captions): COCO val2017 and the original's Flickr30k file
+PAPER_SET_SIZES = {"coco": (5000, 25014), "flickr30k": (1014, 5070)}
 
 
 def file_digest(path) -> str:
@@ -86,7 +88,14 @@ def markdown_table(results: list[dict], paper: dict | None) -> str:
         lines.append(f"| {result['benchmark']} | {result['mode']} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
         if paper and result["benchmark"] in paper:
             t2i, i2t = paper[result["benchmark"]]
-            lines.append(f"| {result['benchmark']} (paper) | flair | {t2i:.1f} | | | {i2t:.1f} | | |")
+            images, texts = PAPER_SET_SIZES[result["benchmark"]]
+            if (result["num_images"], result["num_texts"]) == (images, texts):
+                lines.append(f"| {result['benchmark']} (paper) | flair | {t2i:.1f} | | | {i2t:.1f} | | |")
+            else:
+                lines.append(
+                    f"| {result['benchmark']} (paper) | not comparable: the paper's set has {images} images / {texts} texts, "
+                    f"this one {result['num_images']} / {result['num_texts']} | | | | | | |"
+                )
     return "\n".join(lines)
 
 
@@ -151,7 +160,10 @@ def main(argv=None) -> list[dict]:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
-    table = markdown_table(results, paper_numbers(args.model) if args.compare_paper else None)
+    paper = paper_numbers(args.model) if args.compare_paper else None
+    if args.compare_paper and paper is None:
+        print(f"--compare-paper: {args.model} is not named after a released checkpoint ({', '.join(PAPER_R1)}); nothing to compare")
+    table = markdown_table(results, paper)
     output.with_suffix(".md").write_text(table + "\n")
     print(table)
     print(f"wrote {output} and {output.with_suffix('.md')}")

@@ -65,8 +65,13 @@ def test_modes_share_cached_features(tiny_dir, data_root, tmp_path):
     assert full["metrics"] == flair["metrics"]
 
 
-def test_compare_paper_prints_published_numbers(tiny_dir, data_root, tmp_path, capsys, monkeypatch):
+def test_compare_paper_prints_published_numbers_only_for_the_papers_sets(tiny_dir, data_root, tmp_path, capsys, monkeypatch):
+    run(tiny_dir, data_root, tmp_path, "--benchmark", "coco", "--mode", "global", "--compare-paper")
+    assert "is not named after a released checkpoint" in capsys.readouterr().out  # the tiny model is no release
     monkeypatch.setattr(evaluate_retrieval, "paper_numbers", lambda model_id: evaluate_retrieval.PAPER_R1["flair-cc3m-recap"])
+    run(tiny_dir, data_root, tmp_path, "--benchmark", "coco", "--mode", "global", "--compare-paper")
+    assert "not comparable: the paper's set has 5000 images / 25014 texts, this one 3 / 15" in capsys.readouterr().out
+    monkeypatch.setitem(evaluate_retrieval.PAPER_SET_SIZES, "coco", (3, 15))
     run(tiny_dir, data_root, tmp_path, "--benchmark", "coco", "--mode", "global", "--compare-paper")
     assert "| coco (paper) | flair | 37.7 | | | 51.6 | | |" in capsys.readouterr().out
 
