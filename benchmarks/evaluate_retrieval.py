@@ -21,19 +21,10 @@ from pathlib import Path
 import torch
 
 from flair_hf import FlairModel, FlairProcessor
-from flair_hf.evaluation import MODES, evaluate_retrieval
+from flair_hf.evaluation import MODES, PAPER_R1, PAPER_SET_SIZES, evaluate_retrieval
 from flair_hf.retrieval_data import LAYOUTS, BenchmarkDataError, load_benchmark, load_hub_benchmark
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Published R@1 (FLAIR README; flair mode, amp): checkpoint -> benchmark -> (text->image, image->text)
-PAPER_R1 = {
-    "flair-cc3m-recap": {"coco": (37.7, 51.6), "flickr30k": (65.7, 78.7)},
-    "flair-cc12m-recap": {"coco": (47.8, 64.1), "flickr30k": (75.4, 90.8)},
-    "flair-yfcc15m-recap": {"coco": (51.2, 67.3), "flickr30k": (79.2, 93.3)},
-    "flair-merged30m": {"coco": (53.3, 68.0), "flickr30k": (81.1, 94.7)},
-}
-# the sets those numbers were measured on (images, captions): COCO val2017 and the original's Flickr30k file
-PAPER_SET_SIZES = {"coco": (5000, 25014), "flickr30k": (1014, 5070)}
 
 
 def file_digest(path) -> str:

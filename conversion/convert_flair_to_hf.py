@@ -293,16 +293,63 @@ def resolve_source(source: str, cache_dir: str | None = None) -> Path:
     return path
 
 
-def model_card(repo_id: str, source: str, differences: dict | None) -> str:
+TRAINING_DATA = {
+    "flair-cc3m-recap": ["CC3M-recap (DreamLIP)"],
+    "flair-cc12m-recap": ["CC12M-recap (DreamLIP)"],
+    "flair-yfcc15m-recap": ["YFCC15M-recap (DreamLIP)"],
+    "flair-merged30m": ["CC3M-recap (DreamLIP)", "CC12M-recap (DreamLIP)", "YFCC15M-recap (DreamLIP)"],
+}
+RETRIEVAL_SETS = {"coco": ("coco", "COCO val2017 (5k images)"), "flickr30k": ("flickr30k", "Flickr30k (1k images)")}
+
+
+def _retrieval_results(repo_id: str, release: str | None, measured: list[dict]) -> list:
+    """`EvalResult`s for the model-index: the published R@1 of a release, and R@1 measured by
+    `benchmarks/evaluate_retrieval.py` (its JSON), each marked by its source."""
+    from huggingface_hub import EvalResult
+
+    from flair_hf.evaluation import PAPER_R1
+
+    rows = []
+    published = PAPER_R1.get(release, {}) if release else {}
+    for benchmark, (t2i, i2t) in published.items():
+        rows.append((benchmark, t2i, i2t, "FLAIR paper (published)", "https://arxiv.org/abs/2412.03561", "published"))
+    for result in measured:
+        if result["benchmark"] in RETRIEVAL_SETS:
+            metrics = result["metrics"]
+            name = f"measured with flair-hf ({result.get('mode', 'flair')} mode, {result['num_images']} images)"
+            url = f"https://huggingface.co/{repo_id}"  # measured on this repository's weights
+            rows.append((result["benchmark"], metrics["text_to_image_R@1"], metrics["image_to_text_R@1"], name, url, "measured"))
+    results = []
+    for benchmark, t2i, i2t, source_name, source_url, origin in rows:  # origin keeps them apart in the model-index
+        dataset_type, dataset_name = RETRIEVAL_SETS[benchmark]
+        for direction, value in (("text-to-image", t2i), ("image-to-text", i2t)):
+            results.append(EvalResult(
+                task_type="zero-shot-image-text-retrieval", task_name="Zero-shot image-text retrieval",
+                dataset_type=dataset_type, dataset_name=dataset_name, dataset_config=origin, metric_type="recall@1",
+                metric_name=f"{direction} R@1", metric_value=value, source_name=source_name, source_url=source_url,
+            ))  # fmt: skip
+    return results
+
+
+def model_card(repo_id: str, source: str, differences: dict | None, measured: list[dict] | None = None) -> str:
+    """The model card: YAML metadata the Hub reads (library, pipeline, license, tags, training data, base model,
+    model-index with published and measured retrieval R@1), usage, parity figures, citation."""
+    from huggingface_hub import ModelCardData
+
+    release = source if source in RELEASED_CHECKPOINTS else None
     parity = (
         "\n".join(f"- `{name}`: max abs difference {value:.2e}" for name, value in differences.items())
         if differences
         else "- not verified at conversion time (run the converter with `--verify`)"
     )
+    metadata = ModelCardData(
+        library_name="transformers", pipeline_tag="zero-shot-image-classification", license="mit",
+        tags=["flair", "clip", "vision-language", "image-text-retrieval", "zero-shot-image-classification"],
+        datasets=TRAINING_DATA.get(release), base_model=HUB_REPO if release else None, model_name=repo_id,
+        eval_results=_retrieval_results(repo_id, release, measured or []) or None,
+    )  # fmt: skip
     return f"""---
-library_name: transformers
-license: mit
-tags: [flair, clip, zero-shot-image-classification, image-text-retrieval]
+{metadata.to_yaml()}
 ---
 
 # {repo_id}
@@ -350,12 +397,12 @@ def shareable_source(source: str) -> str:
     return source if source in RELEASED_CHECKPOINTS else Path(source).name
 
 
-def push_to_hub(directory: Path, repo_id: str, source: str, differences: dict | None) -> None:
+def push_to_hub(directory: Path, repo_id: str, source: str, differences: dict | None, measured: list[dict] | None = None) -> None:
     """Upload `directory` (with a generated model card) to `repo_id`; a clear error when the Hub is unreachable."""
     from huggingface_hub import HfApi
 
     source = shareable_source(source)
-    (directory / "README.md").write_text(model_card(repo_id, source, differences))
+    (directory / "README.md").write_text(model_card(repo_id, source, differences, measured))
     try:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
@@ -406,6 +453,17 @@ def convert(source: str, output_dir: str | os.PathLike, model_cfg: dict | None =
     return {"source": str(checkpoint), "output_dir": str(output_dir), "seconds": time.perf_counter() - start, "max_abs_difference": differences}
 
 
+def read_results(path: str) -> list[dict]:
+    """The JSON list written by `benchmarks/evaluate_retrieval.py`."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConversionError(f"--results {path}: cannot read it ({error})") from None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "metrics" in r and "benchmark" in r for r in results):
+        raise ConversionError(f"--results {path}: expected the JSON list that benchmarks/evaluate_retrieval.py writes")
+    return results
+
+
 def read_open_clip_config(path: str) -> dict:
     """open_clip's `model_cfg` from a JSON file (the file itself, or its `model_cfg` entry); clear errors otherwise."""
     config_path = Path(path)
@@ -431,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="compare logits with an independent original forward")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the result with a generated model card")
     parser.add_argument(
+        "--results", metavar="JSON", help="with --push-to-hub: evaluate_retrieval.py output whose R@1 goes into the card's model-index"
+    )
+    parser.add_argument(
         "--open-clip-config", metavar="JSON", help="open_clip model config (a file with `model_cfg`) for non-ViT-B-16 models"
     )
     args = parser.parse_args(argv)
@@ -438,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg = read_open_clip_config(args.open_clip_config) if args.open_clip_config else None
         report = convert(args.source, args.output_dir, model_cfg, run_verify=args.verify)
         if args.push_to_hub:
-            push_to_hub(Path(args.output_dir), args.push_to_hub, args.source, report["max_abs_difference"])
+            measured = read_results(args.results) if args.results else None
+            push_to_hub(Path(args.output_dir), args.push_to_hub, args.source, report["max_abs_difference"], measured)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -216,3 +216,32 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert __import__("re").search(message, err) and err.count("\n") == 1 and err.startswith("error: "), err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_model_card_metadata_parses_with_huggingface_hub(tmp_path):
+    import json
+
+    from huggingface_hub import ModelCard
+
+    measured = [{"benchmark": "coco", "mode": "flair", "num_images": 5000, "num_texts": 25014,
+                 "metrics": {"text_to_image_R@1": 53.1, "image_to_text_R@1": 67.9}}]  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(measured))
+    path = tmp_path / "README.md"
+    path.write_text(converter.model_card("me/flair-merged30m-hf", "flair-merged30m", {"logits_per_image": 1e-6},
+                                         converter.read_results(str(tmp_path / "results.json"))))  # fmt: skip
+    card = ModelCard.load(path)
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "zero-shot-image-classification"
+    assert data.license == "mit" and "flair" in data.tags and data.base_model == "xiaorui638/flair"
+    assert data.datasets == ["CC3M-recap (DreamLIP)", "CC12M-recap (DreamLIP)", "YFCC15M-recap (DreamLIP)"]
+    results = {(r.dataset_type, r.dataset_config, r.metric_name): (r.metric_value, r.source_name) for r in data.eval_results}
+    assert results[("coco", "published", "text-to-image R@1")] == (53.3, "FLAIR paper (published)")
+    assert results[("flickr30k", "published", "image-to-text R@1")][0] == 94.7
+    assert results[("coco", "measured", "image-to-text R@1")][0] == 67.9
+    assert "measured with flair-hf" in results[("coco", "measured", "text-to-image R@1")][1]
+    # a local checkpoint: no base model, no published results, no training-data claim
+    local = ModelCard(converter.model_card("me/x", "flair-tiny.pt", None)).data
+    assert local.base_model is None and local.eval_results is None and local.datasets is None
+    with pytest.raises(converter.ConversionError, match="expected the JSON list that benchmarks/evaluate_retrieval.py writes"):
+        (tmp_path / "bad.json").write_text("{}")
+        converter.read_results(str(tmp_path / "bad.json"))

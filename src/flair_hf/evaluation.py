@@ -26,6 +26,15 @@ from tqdm.auto import tqdm
 from .retrieval import flair_scores, global_scores, topk_scores
 
 MODES = ("flair", "topk", "global")
+# Published R@1 (FLAIR README; flair mode, amp): checkpoint -> benchmark -> (text->image, image->text)
+PAPER_R1 = {
+    "flair-cc3m-recap": {"coco": (37.7, 51.6), "flickr30k": (65.7, 78.7)},
+    "flair-cc12m-recap": {"coco": (47.8, 64.1), "flickr30k": (75.4, 90.8)},
+    "flair-yfcc15m-recap": {"coco": (51.2, 67.3), "flickr30k": (79.2, 93.3)},
+    "flair-merged30m": {"coco": (53.3, 68.0), "flickr30k": (81.1, 94.7)},
+}
+# the sets those numbers were measured on (images, captions): COCO val2017 and the original's Flickr30k file
+PAPER_SET_SIZES = {"coco": (5000, 25014), "flickr30k": (1014, 5070)}
 
 
 def stable_ranks(scores: np.ndarray) -> np.ndarray:
@@ -227,6 +236,8 @@ def evaluate_retrieval(
 
 __all__ = [
     "MODES",
+    "PAPER_R1",
+    "PAPER_SET_SIZES",
     "encode_features",
     "evaluate_retrieval",
     "flatten_captions",
