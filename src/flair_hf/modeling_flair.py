@@ -489,6 +489,62 @@ class FlairModel(FlairPreTrainedModel):
             rows.append(torch.cat([pooling.attend(q, keys, values)[0] for q in queries.split(text_chunk_size, dim=1)], dim=1))
         return torch.cat(rows, dim=0)
 
+    def _get_processor(self):
+        """The processor saved with this model (loaded once), for the methods that take strings and images."""
+        processor = getattr(self, "_flair_processor", None)
+        if processor is None:
+            from .processing_flair import FlairImageProcessor, FlairProcessor, FlairTokenizer
+
+            if not self.config._name_or_path:
+                raise ValueError(
+                    "encode_text / encode_image / score load the processor saved with the model: load the model with "
+                    "from_pretrained, or use get_text_features / get_image_features with a FlairProcessor's outputs"
+                )
+            source = self.config._name_or_path  # the classes themselves, not Auto classes: no code from elsewhere runs
+            processor = FlairProcessor(FlairImageProcessor.from_pretrained(source), FlairTokenizer.from_pretrained(source))
+            self._flair_processor = processor
+        return processor
+
+    def _batched(self, items, batch_size: int, encode, description: str, show_progress_bar: bool) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        items = list(items) if isinstance(items, (list, tuple)) else [items]
+        starts = tqdm(range(0, len(items), batch_size), desc=description, disable=not show_progress_bar)
+        chunks = [F.normalize(encode(items[start : start + batch_size]).float(), dim=-1) for start in starts]
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.projection_dim)
+
+    @torch.no_grad()
+    def encode_text(self, texts, batch_size: int = 256, show_progress_bar: bool = False) -> torch.Tensor:
+        """L2-normalised global embeddings `(T, D)` (float32) of a string or a list of strings."""
+        processor = self._get_processor()
+
+        def encode(batch):
+            return self.get_text_features(processor(text=batch)["input_ids"].to(self.device))
+
+        return self._batched(texts, batch_size, encode, "encoding texts", show_progress_bar)
+
+    @torch.no_grad()
+    def encode_image(self, images, batch_size: int = 64, show_progress_bar: bool = False) -> torch.Tensor:
+        """L2-normalised global embeddings `(B, D)` (float32) of one image or a list: PIL images, local file paths or
+        `(H, W, 3)` uint8 arrays (no URLs: download first)."""
+        processor = self._get_processor()
+
+        def encode(batch):
+            return self.get_image_features(processor(images=batch)["pixel_values"].to(self.device, self.dtype))
+
+        return self._batched(images, batch_size, encode, "encoding images", show_progress_bar)
+
+    @torch.no_grad()
+    def score(self, images, texts) -> dict[str, torch.Tensor]:
+        """FLAIR logits `(B, T)` of images (as `encode_image` takes them) against texts, with `probs` (softmax over the
+        texts, as the zero-shot pipeline) and `sigmoid_probs` (each pair on its own: FLAIR's training objective)."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        inputs = self._get_processor()(text=texts, images=images)
+        logits = self(input_ids=inputs["input_ids"].to(self.device), pixel_values=inputs["pixel_values"].to(self.device, self.dtype))
+        logits = logits.logits_per_image.float()
+        return {"logits": logits, "probs": logits.softmax(dim=-1), "sigmoid_probs": torch.sigmoid(logits)}
+
     @staticmethod
     def _resolve(features, inputs, features_name, inputs_name, encode, *encode_args):
         if (features is None) == (inputs is None):
