@@ -69,3 +69,42 @@ def test_readme_pipeline_example_runs(tiny_dir, tmp_path):
     result = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ZeroShotImageClassificationPipeline" in result.stdout
+
+
+FEATURES_REMOTE = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import remote_code_probe  # makes flair_hf unimportable
+from transformers import pipeline
+extractor = pipeline("image-feature-extraction", model={model!r}, trust_remote_code=True)
+print(json.dumps(extractor({image!r})))
+"""
+
+
+def test_image_feature_extraction_pipeline_gives_the_global_embedding(tiny_dir, tiny_model, tmp_path):
+    from transformers import pipeline
+
+    import flair_hf  # noqa: F401
+
+    image = str(FIXTURES / "images" / "puppy.jpg")
+    expected = tiny_model.encode_image(image)
+    features = pipeline("image-feature-extraction", model=str(tiny_dir))(image, return_tensors=True)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+    code = FEATURES_REMOTE.format(tests=str(ROOT / "tests"), model=str(tiny_dir), image=image)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(json.loads(result.stdout.strip().splitlines()[-1])), expected, atol=1e-5, rtol=0)
+
+
+def test_single_tower_forward(tiny_model, tiny_reference):
+    pixels, ids = tiny_reference["pixel_values"][:2], tiny_reference["input_ids"].long()[:3]
+    with torch.no_grad():
+        images = tiny_model(pixel_values=pixels)
+        texts = tiny_model(input_ids=ids)
+        torch.testing.assert_close(images.image_token_embeds, tiny_model.get_image_token_features(pixels))
+        torch.testing.assert_close(images[0], torch.nn.functional.normalize(tiny_model.get_image_features(pixels), dim=-1))
+        torch.testing.assert_close(texts[0], torch.nn.functional.normalize(tiny_model.get_text_features(ids), dim=-1))
+        assert images.logits_per_image is None and texts.image_embeds is None
+    with pytest.raises(ValueError, match="needs input_ids and pixel_values"):
+        tiny_model(pixel_values=pixels, return_loss=True, captions_per_image=1)

@@ -37,6 +37,7 @@ class FlairOutput(ModelOutput):
     text_embeds (`(T, D)`): normalised global text embeddings.
     image_embeds (`(B, D)`): normalised global image embeddings.
     text_conditioned_image_embeds (`(B, T, D)`): normalised output of the pooling head for every pair.
+    image_token_embeds (`(B, L, D)`, image-only calls): projected patch tokens, as `get_image_token_features`.
     pooling_attentions (`(B, heads, T, L + 1)`, with `output_attentions=True`): attention weights of the pooling head.
         Slots `0..L-1` are the patch tokens in row-major order; slot `L` is the zero-attention slot
         (`add_zero_attn=True` in the original): a zero key and value that lets a query attend to "nothing".
@@ -51,6 +52,7 @@ class FlairOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     text_conditioned_image_embeds: torch.FloatTensor | None = None
+    image_token_embeds: torch.FloatTensor | None = None
     pooling_attentions: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
@@ -489,6 +491,18 @@ class FlairModel(FlairPreTrainedModel):
             rows.append(torch.cat([pooling.attend(q, keys, values)[0] for q in queries.split(text_chunk_size, dim=1)], dim=1))
         return torch.cat(rows, dim=0)
 
+    def _single_tower_output(self, input_ids, pixel_values, attention_mask, interpolate_pos_encoding) -> FlairOutput:
+        if pixel_values is not None:
+            vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding)
+            return FlairOutput(
+                image_embeds=F.normalize(self.visual_projection(vision_outputs.pooler_output), dim=-1),
+                image_token_embeds=self.visual_projection(vision_outputs.last_hidden_state[:, 1:]),
+                vision_model_output=vision_outputs,
+            )
+        text_outputs = self.text_model(input_ids, attention_mask)
+        text_embeds = F.normalize(self.text_projection(text_outputs.pooler_output), dim=-1)
+        return FlairOutput(text_embeds=text_embeds, text_model_output=text_outputs)
+
     def _get_processor(self):
         """The processor saved with this model (loaded once), for the methods that take strings and images."""
         processor = getattr(self, "_flair_processor", None)
@@ -576,8 +590,8 @@ class FlairModel(FlairPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         return_dict: bool | None = None,
@@ -595,7 +609,16 @@ class FlairModel(FlairPreTrainedModel):
         `i * K + k`; the output holds the FLAIR loss (text-conditioned sigmoid loss, plus the multi-positive sigmoid
         loss if `add_mps_loss`; other ranks' texts are extra negatives when torch.distributed is initialised and
         `loss_across_ranks`). `interpolate_pos_encoding=True` takes images of other sizes than the model's.
+
+        With only `pixel_values` (as the image-feature-extraction pipeline calls it), the output holds the normalised
+        global `image_embeds` (first), the projected patch tokens `image_token_embeds` and the vision tower's output;
+        with only `input_ids`, the normalised `text_embeds` and the text tower's output.
         """
+        if input_ids is None or pixel_values is None:
+            if return_loss or (input_ids is None and pixel_values is None):
+                raise ValueError("FlairModel needs input_ids and pixel_values (one of them for single-tower embeddings)")
+            output = self._single_tower_output(input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
+            return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
         text_outputs = self.text_model(input_ids, attention_mask)
         vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding)
         text_embeds = self.text_projection(text_outputs.pooler_output)
