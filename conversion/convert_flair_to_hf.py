@@ -159,7 +159,88 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     return tensors
 
 
-def check_state_dict(tensors: dict, config: FlairConfig, source: str) -> None:
+def _count_blocks(tensors: dict, prefix: str) -> int:
+    return len({key.split(".")[len(prefix.split("."))] for key in tensors if key.startswith(prefix + ".")})
+
+
+def describe_state_dict(tensors: dict) -> dict | None:
+    """The open_clip `model_cfg` dimensions that the shapes determine (widths, layers, patch and image size, context
+    length, vocabulary, embedding size, MLP ratios), or None when the file does not look like a FLAIR checkpoint."""
+    needed = ("visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight", "positional_embedding",
+              "text_post.proj", "visual.transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_fc.weight")  # fmt: skip
+    if not all(key in tensors for key in needed):
+        return None
+    vision_width, _, patch, _ = tensors["visual.conv1.weight"].shape
+    grid = round((tensors["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vocab, text_width = tensors["token_embedding.weight"].shape
+    return {
+        "embed_dim": int(tensors["text_post.proj"].shape[1]),
+        "vision_cfg": {
+            "image_size": int(grid * patch), "layers": _count_blocks(tensors, "visual.transformer.resblocks"),
+            "width": int(vision_width), "patch_size": int(patch),
+            "mlp_ratio": tensors["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vision_width,
+        },
+        "text_cfg": {
+            "context_length": int(tensors["positional_embedding"].shape[0]), "vocab_size": int(vocab),
+            "width": int(text_width), "layers": _count_blocks(tensors, "transformer.resblocks"),
+            "mlp_ratio": tensors["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width,
+        },
+    }  # fmt: skip
+
+
+def _dimensions(model_cfg: dict) -> dict:
+    """`model_cfg` without the head counts and defaults, for comparing with `describe_state_dict`."""
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    return {
+        "embed_dim": model_cfg["embed_dim"],
+        "vision_cfg": {"image_size": vision["image_size"], "layers": vision["layers"], "width": vision["width"],
+                       "patch_size": vision["patch_size"], "mlp_ratio": vision.get("mlp_ratio", 4.0)},
+        "text_cfg": {"context_length": text.get("context_length", 77), "vocab_size": text.get("vocab_size", 49408),
+                     "width": text["width"], "layers": text["layers"], "mlp_ratio": text.get("mlp_ratio", 4.0)},
+    }  # fmt: skip
+
+
+def _config_dimensions(config: FlairConfig) -> dict:
+    """A `FlairConfig`'s dimensions in `describe_state_dict`'s form."""
+    vision, text = config.vision_config, config.text_config
+    return {
+        "embed_dim": config.projection_dim,
+        "vision_cfg": {"image_size": vision.image_size, "layers": vision.num_hidden_layers, "width": vision.hidden_size,
+                       "patch_size": vision.patch_size, "mlp_ratio": vision.intermediate_size / vision.hidden_size},
+        "text_cfg": {"context_length": text.max_position_embeddings, "vocab_size": text.vocab_size, "width": text.hidden_size,
+                     "layers": text.num_hidden_layers, "mlp_ratio": text.intermediate_size / text.hidden_size},
+    }  # fmt: skip
+
+
+def summarize_dimensions(described: dict) -> str:
+    vision, text = described["vision_cfg"], described["text_cfg"]
+    return (
+        f"vision width {vision['width']}, {vision['layers']} layers, patch {vision['patch_size']}, image {vision['image_size']}; "
+        f"text width {text['width']}, {text['layers']} layers, context {text['context_length']}, vocab {text['vocab_size']}; "
+        f"embed dim {described['embed_dim']}"
+    )
+
+
+def infer_open_clip_config(tensors: dict, text_heads: int | None = None, vision_heads: int | None = None) -> dict:
+    """The open_clip `model_cfg` of a checkpoint: ViT-B-16-FLAIR when the shapes are its, else the dimensions read
+    from the shapes plus the head counts, which shapes cannot tell and must be given."""
+    described = describe_state_dict(tensors)
+    if described is None:
+        return VIT_B_16_FLAIR  # not a FLAIR layout: check_state_dict names what is wrong
+    if described == _dimensions(VIT_B_16_FLAIR) and text_heads is None and vision_heads is None:
+        return VIT_B_16_FLAIR
+    if text_heads is None or vision_heads is None:
+        raise ConversionError(
+            f"this checkpoint is not ViT-B-16-FLAIR ({summarize_dimensions(described)}); head counts cannot be read "
+            f"from the weights: pass --text-heads and --vision-heads (open_clip's defaults would be 8 and "
+            f"{described['vision_cfg']['width'] // 64}), or --open-clip-config with the model's open_clip config"
+        )
+    vision, text = dict(described["vision_cfg"]), dict(described["text_cfg"])
+    vision["head_width"], text["heads"] = vision["width"] // vision_heads, text_heads
+    return {"embed_dim": described["embed_dim"], "vision_cfg": vision, "text_cfg": text}
+
+
+def check_state_dict(tensors: dict, config: FlairConfig, source: str, verbose: bool = False) -> None:
     """Raise `ConversionError` naming every missing, unexpected or mis-shaped key."""
     expected = original_shapes(config)
     missing = [key for key in expected if key not in tensors]
@@ -169,16 +250,28 @@ def check_state_dict(tensors: dict, config: FlairConfig, source: str) -> None:
         for key in expected
         if key in tensors and tuple(tensors[key].shape) != expected[key]
     ]
+    def listed(items: list[str], separator: str) -> str:
+        shown = items if verbose else items[:3]
+        more = "" if len(shown) == len(items) else f"{separator}... ({len(items) - len(shown)} more; --verbose lists all)"
+        return separator.join(shown) + more
+
     problems = []
     if missing:
         hint = " (a plain CLIP checkpoint has no FLAIR pooling head)" if "visual_proj.attn.in_proj_weight" in missing else ""
-        problems.append(f"missing keys{hint}: {', '.join(missing)}")
+        problems.append(f"{len(missing)} missing keys{hint}: {listed(missing, ', ')}")
     if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected keys: {listed(unexpected, ', ')}")
     if misshaped:
-        problems.append(f"wrong shapes: {'; '.join(misshaped)}")
+        problems.append(f"{len(misshaped)} wrong shapes: {listed(misshaped, '; ')}")
     if problems:
-        raise ConversionError(f"{source}: not a FLAIR checkpoint of the expected architecture: " + " | ".join(problems))
+        described = describe_state_dict(tensors)
+        looks = f" The file looks like: {summarize_dimensions(described)}." if described else ""
+        expected_dims = summarize_dimensions(_config_dimensions(config))
+        raise ConversionError(
+            f"{source}: not a FLAIR checkpoint of the expected architecture ({expected_dims}).{looks} "
+            + " | ".join(problems)
+            + ". For another size, pass --open-clip-config (or let the converter read the sizes: omit it)."
+        )
     non_float = [key for key, value in tensors.items() if not value.is_floating_point()]
     if non_float:
         raise ConversionError(f"{source}: non-floating-point tensors: {', '.join(non_float)}")
@@ -414,8 +507,14 @@ def push_to_hub(directory: Path, repo_id: str, source: str, differences: dict | 
         ) from error
 
 
-def convert(source: str, output_dir: str | os.PathLike, model_cfg: dict | None = None, run_verify: bool = False) -> dict:
-    """Convert `source` into `output_dir` atomically; return a report (timings, parity differences)."""
+def convert(
+    source: str, output_dir: str | os.PathLike, model_cfg: dict | None = None, run_verify: bool = False,
+    text_heads: int | None = None, vision_heads: int | None = None, verbose: bool = False,
+) -> dict:  # fmt: skip
+    """Convert `source` into `output_dir` atomically; return a report (timings, parity differences).
+
+    Without `model_cfg` the architecture is read from the checkpoint's shapes (ViT-B-16-FLAIR, or another size given
+    the head counts, which shapes cannot tell)."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"{output_dir}: exists and is a file; the output must be a new or empty directory")
@@ -423,9 +522,9 @@ def convert(source: str, output_dir: str | os.PathLike, model_cfg: dict | None =
         raise ConversionError(f"{output_dir}: output directory exists and is not empty")
     start = time.perf_counter()
     checkpoint = resolve_source(source)
-    config = flair_config_from_open_clip(model_cfg or VIT_B_16_FLAIR)
     tensors = load_original_state_dict(checkpoint)
-    check_state_dict(tensors, config, str(checkpoint))
+    config = flair_config_from_open_clip(model_cfg or infer_open_clip_config(tensors, text_heads, vision_heads))
+    check_state_dict(tensors, config, str(checkpoint), verbose)
     tensors["logit_scale"], tensors["logit_bias"] = tensors["logit_scale"].float(), tensors["logit_bias"].float()
     model = FlairModel(config)
     model.load_state_dict(convert_state_dict(tensors, config), strict=True)
@@ -488,16 +587,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", help="directory to create (must not exist or be empty)")
     parser.add_argument("--verify", action="store_true", help="compare logits with an independent original forward")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the result with a generated model card")
+    parser.add_argument("--text-heads", type=int, help="text attention heads, for a checkpoint that is not ViT-B-16-FLAIR")
+    parser.add_argument("--vision-heads", type=int, help="vision attention heads, for a checkpoint that is not ViT-B-16-FLAIR")
+    parser.add_argument("--verbose", action="store_true", help="list every missing, unexpected or mis-shaped key")
     parser.add_argument(
         "--results", metavar="JSON", help="with --push-to-hub: evaluate_retrieval.py output whose R@1 goes into the card's model-index"
     )
     parser.add_argument(
-        "--open-clip-config", metavar="JSON", help="open_clip model config (a file with `model_cfg`) for non-ViT-B-16 models"
+        "--open-clip-config", metavar="JSON",
+        help="open_clip model config (a file with `model_cfg`); default: read the sizes from the checkpoint",
     )
     args = parser.parse_args(argv)
     try:
         model_cfg = read_open_clip_config(args.open_clip_config) if args.open_clip_config else None
-        report = convert(args.source, args.output_dir, model_cfg, run_verify=args.verify)
+        report = convert(args.source, args.output_dir, model_cfg, args.verify, args.text_heads, args.vision_heads, args.verbose)
         if args.push_to_hub:
             measured = read_results(args.results) if args.results else None
             push_to_hub(Path(args.output_dir), args.push_to_hub, args.source, report["max_abs_difference"], measured)

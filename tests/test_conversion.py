@@ -245,3 +245,34 @@ def test_model_card_metadata_parses_with_huggingface_hub(tmp_path):
     with pytest.raises(converter.ConversionError, match="expected the JSON list that benchmarks/evaluate_retrieval.py writes"):
         (tmp_path / "bad.json").write_text("{}")
         converter.read_results(str(tmp_path / "bad.json"))
+
+
+def test_sizes_are_read_from_the_checkpoint_and_heads_must_be_given(tmp_path, tiny_reference, capsys):
+    from conftest import FIXTURES
+    from flair_hf import FlairModel
+
+    tiny = str(FIXTURES / "tiny" / "flair-tiny-state-dict.pt")
+    with pytest.raises(converter.ConversionError, match=r"not ViT-B-16-FLAIR \(vision width 64, 2 layers, patch 16, image 224; "
+                       r"text width 32, 2 layers, context 77, vocab 49408; embed dim 32\); head counts cannot be read"):  # fmt: skip
+        converter.convert(tiny, tmp_path / "no-heads")
+    converter.convert(tiny, tmp_path / "inferred", text_heads=2, vision_heads=2)
+    model = FlairModel.from_pretrained(tmp_path / "inferred").eval()
+    with torch.no_grad():
+        logits = model(input_ids=tiny_reference["input_ids"].long(), pixel_values=tiny_reference["pixel_values"]).logits_per_image
+    assert (logits - tiny_reference["logits_per_image"]).abs().max() <= 1e-5  # the original code's logits
+    assert not (tmp_path / "no-heads").exists()
+
+
+def test_wrong_size_error_is_a_short_summary(tmp_path):
+    from conftest import FIXTURES
+
+    tiny = str(FIXTURES / "tiny" / "flair-tiny-state-dict.pt")
+    with pytest.raises(converter.ConversionError) as error:
+        converter.convert(tiny, tmp_path / "out", converter.VIT_B_16_FLAIR)
+    message = str(error.value)
+    assert len(message) < 1500, len(message)
+    assert "expected architecture (vision width 768, 12 layers" in message and "The file looks like: vision width 64" in message
+    assert "more; --verbose lists all" in message and "--open-clip-config" in message
+    with pytest.raises(converter.ConversionError) as verbose:
+        converter.convert(tiny, tmp_path / "out", converter.VIT_B_16_FLAIR, verbose=True)
+    assert len(str(verbose.value)) > 5000 and "--verbose lists all" not in str(verbose.value)
