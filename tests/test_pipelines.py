@@ -108,3 +108,22 @@ def test_single_tower_forward(tiny_model, tiny_reference):
         assert images.logits_per_image is None and texts.image_embeds is None
     with pytest.raises(ValueError, match="needs input_ids and pixel_values"):
         tiny_model(pixel_values=pixels, return_loss=True, captions_per_image=1)
+
+
+def test_zero_shot_pipeline_with_clip_style_logits(tiny_dir, tiny_model):
+    from transformers import pipeline
+
+    import flair_hf  # noqa: F401
+    from flair_hf import FlairProcessor
+
+    classifier = pipeline("zero-shot-image-classification", model=str(tiny_dir), model_kwargs={"zero_shot_logits": "clip"})
+    result = classifier(str(FIXTURES / "images" / "puppy.jpg"), candidate_labels=LABELS)
+    inputs = FlairProcessor.from_pretrained(tiny_dir)(
+        text=[f"This is a photo of {label}." for label in LABELS], images=Image.open(FIXTURES / "images" / "puppy.jpg")
+    )
+    with torch.no_grad():
+        expected = tiny_model(**inputs).logits_per_image_as_clip[0].softmax(-1)
+    assert {r["label"]: r["score"] for r in result} == pytest.approx(dict(zip(LABELS, expected.tolist())), abs=1e-5)
+    assert tiny_model.config.zero_shot_logits == "flair"  # the option lives in the pipeline's own model
+    with pytest.raises(Exception, match="zero_shot_logits must be .flair. or .clip."):
+        flair_hf.FlairConfig(zero_shot_logits="sigmoid")

@@ -30,7 +30,8 @@ class FlairOutput(ModelOutput):
 
     loss (with `return_loss=True`): the FLAIR training loss (see `flair_hf.loss`); the logits are then not computed.
 
-    logits_per_image (`(B, T)`): FLAIR logits, `exp(logit_scale) * cos(pool(text_j | image_i), text_j) + logit_bias`.
+    logits_per_image (`(B, T)`): FLAIR logits, `exp(logit_scale) * cos(pool(text_j | image_i), text_j) + logit_bias`
+        (the CLIP-style ones instead when `config.zero_shot_logits == "clip"`).
     logits_per_text (`(T, B)`): the transpose of `logits_per_image`.
     logits_per_image_as_clip (`(B, T)`): global CLIP-style logits, `exp(logit_scale) * cos(image_i, text_j)`, no bias.
     logits_per_text_as_clip (`(T, B)`): the transpose of `logits_per_image_as_clip`.
@@ -642,6 +643,8 @@ class FlairModel(FlairPreTrainedModel):
         logits_per_image = self._flair_logits(pooled, text_embeds)
         image_embeds, text_embeds = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
         logits_per_image_as_clip = self.logit_scale.exp() * image_embeds @ text_embeds.t()
+        if self.config.zero_shot_logits == "clip":  # what pipelines read as `logits_per_image`
+            logits_per_image = logits_per_image_as_clip
         output = FlairOutput(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.t(),
