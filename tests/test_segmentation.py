@@ -15,9 +15,10 @@ from segmentation_layouts import LABEL, build_segmentation_root
 from flair_hf import FlairConfig, FlairModel, FlairTokenizer
 from flair_hf.retrieval_data import BenchmarkDataError
 from flair_hf.segmentation import (
-    SEGMENTATION_SETS, IoUAccumulator, class_names, class_query_embeddings, evaluate_segmentation, imagenet_templates,
-    label_array, predict_labels, sliding_window_logits, window_starts,
+    SEGMENTATION_SETS, IoUAccumulator, class_names, evaluate_segmentation, label_array, predict_labels,
+    sliding_window_logits, window_starts,
 )  # fmt: skip
+from flair_hf.zero_shot import class_query_embeddings, imagenet_templates
 from flair_hf.segmentation_data import load_segmentation_benchmark
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

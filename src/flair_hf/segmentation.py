@@ -15,7 +15,6 @@
 
 import math
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .dense import caption_attention_maps
+from .zero_shot import class_query_embeddings, data_text, imagenet_templates
 
 IGNORE_INDEX = 255
 
@@ -50,34 +50,10 @@ SEGMENTATION_SETS = {
 }
 
 
-def _data_text(*parts: str) -> str:
-    return resources.files("flair_hf").joinpath("data", *parts).read_text(encoding="utf-8")
-
-
-def imagenet_templates() -> list[str]:
-    """OpenAI's 80 ImageNet prompt templates (`{}` = the class name)."""
-    return [line for line in _data_text("openai_imagenet_templates.txt").splitlines() if line.strip()]
-
-
 def class_names(benchmark: str) -> list[list[str]]:
     """Per class (label order), its synonyms: SCLIP's class-name file, `a, b` on a line = one class."""
-    text = _data_text("class_names", f"{SEGMENTATION_SETS[benchmark].class_file}.txt")
+    text = data_text("class_names", f"{SEGMENTATION_SETS[benchmark].class_file}.txt")
     return [[name.strip() for name in line.split(",") if name.strip()] for line in text.splitlines() if line.strip()]
-
-
-@torch.no_grad()
-def class_query_embeddings(model, tokenizer, classes: list[list[str]], templates: list[str], batch_size: int = 256):
-    """`(Q, D)` normalised template-averaged embeddings of every synonym, and `(Q,)` the class of each query."""
-    queries = [(index, name) for index, synonyms in enumerate(classes) for name in synonyms]
-    prompts = [template.format(name) for _, name in queries for template in templates]
-    device = model.device
-    embeddings = []
-    for start in range(0, len(prompts), batch_size):
-        ids = tokenizer(prompts[start : start + batch_size], padding="max_length", max_length=77, return_tensors="pt")
-        embeddings.append(F.normalize(model.get_text_features(ids["input_ids"].to(device)).float(), dim=-1))
-    per_template = torch.cat(embeddings).view(len(queries), len(templates), -1)
-    query_to_class = torch.tensor([index for index, _ in queries])
-    return F.normalize(per_template.mean(dim=1), dim=-1), query_to_class
 
 
 def preprocess_image(image: Image.Image, short_side: int, max_long_side: int = 2048) -> torch.Tensor:
@@ -204,9 +180,7 @@ __all__ = [
     "SEGMENTATION_SETS",
     "SegmentationSet",
     "class_names",
-    "class_query_embeddings",
     "evaluate_segmentation",
-    "imagenet_templates",
     "label_array",
     "predict_labels",
     "preprocess_image",

@@ -1,0 +1,91 @@
+"""Zero-shot classification: ImageFolder through datasets, both scorings equal a direct computation, the CLI."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import ROOT
+from flair_hf.zero_shot import class_query_embeddings, imagenet_classnames, imagenet_templates, topk_accuracy
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import evaluate_classification  # noqa: E402
+
+CLASSES = ["golden_retriever", "sports_car", "tree"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagefolder")
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i in range(3):
+            rng = np.random.default_rng(10 * c + i)
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_bundled_class_names_and_templates():
+    names = imagenet_classnames()
+    assert len(names) == 1000 and names[:3] == ["tench", "goldfish", "great white shark"] and len(imagenet_templates()) == 80
+
+
+def test_topk_accuracy_by_hand():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.5, 0.5, 0.0]])
+    result = topk_accuracy(scores, torch.tensor([0, 1, 1]), ks=(1, 2))
+    assert result == {"top1": pytest.approx(100 / 3, abs=1e-4), "top2": 100.0}  # the tie in row 3 goes to class 0
+
+
+def test_cli_equals_a_direct_computation(tiny_dir, tiny_model, image_folder, tmp_path):
+    from flair_hf import FlairProcessor
+
+    output = tmp_path / "results.json"
+    result = evaluate_classification.main(["--model", str(tiny_dir), "--data-root", str(image_folder), "--output", str(output),
+                                           "--batch-size", "4"])  # fmt: skip
+    assert json.loads(output.read_text())["accuracy"] == result["accuracy"]
+    assert (result["num_images"], result["num_classes"]) == (9, 3) and "| imagefolder | flair | 9 | 3 |" in output.with_suffix(".md").read_text()
+    # independent: class embeddings from the prompts, the model's own features, both scorings, argmax
+    processor = FlairProcessor.from_pretrained(tiny_dir)
+    classes, _ = class_query_embeddings(tiny_model, processor.tokenizer, [[c.replace("_", " ")] for c in CLASSES], imagenet_templates())
+    images, labels = [], []
+    for label, name in enumerate(CLASSES):
+        for i in range(3):
+            images.append(Image.open(image_folder / name / f"{i}.png"))
+            labels.append(label)
+    with torch.no_grad():
+        pixels = processor(images=images)["pixel_values"]
+        embeds, tokens = tiny_model.get_image_and_token_features(pixels)
+        clip = F.normalize(embeds, dim=-1) @ classes.t()
+        pooled = tiny_model.text_conditioned_pooling(classes, tokens)[0]  # (B, C, D)
+        flair = F.cosine_similarity(pooled, classes[None], dim=-1)
+    for name, scores in (("clip", clip), ("flair", flair)):
+        expected = float((scores.argmax(1) == torch.tensor(labels)).float().mean() * 100)
+        assert result["accuracy"][name]["top1"] == pytest.approx(expected, abs=1e-3), name
+
+
+def test_errors_are_one_line(tiny_dir, image_folder, tmp_path):
+    with pytest.raises(SystemExit, match="imagenet-1k needs the 1,000 WordNet-id folders"):
+        evaluate_classification.main(["--model", str(tiny_dir), "--dataset", "imagenet-1k", "--data-root", str(image_folder)])
+    with pytest.raises(SystemExit, match="no such directory"):
+        evaluate_classification.main(["--model", str(tiny_dir), "--data-root", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="cannot load the Hub dataset someone/missing"):
+        evaluate_classification.main(["--model", str(tiny_dir), "--dataset", "someone/missing"])
+
+
+def test_readme_classification_command(tiny_dir, image_folder, tmp_path):
+    import re
+    import shlex
+    import subprocess
+
+    section = (ROOT / "README.md").read_text().split("## Zero-shot image classification", 1)[1].split("\n## ", 1)[0]
+    command = re.sub(r"\\\n\s*", "", re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]).strip()
+    command = command.replace("flair-merged30m-hf", str(tiny_dir)).replace("/data/imagenet/val", str(image_folder))
+    command = command.replace("--dataset imagenet-1k", "--dataset imagefolder")  # 3 classes here, not ImageNet's 1,000
+    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
+    result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "imagenet.json").read_text())["num_images"] == 9
