@@ -202,3 +202,8 @@ def test_empty_batches_have_batch_shapes(tokenizer, image_processor):
     out = processor(text=[], images=[])
     assert out["input_ids"].shape == (0, 77) and out["input_ids"].dtype == torch.long
     assert out["attention_mask"].shape == (0, 77) and out["pixel_values"].shape == (0, 3, 224, 224)
+
+
+def test_bare_tokenizer_pads_to_77_when_asked(tokenizer):
+    ids = tokenizer(["a dog", "word " * 100], padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
+    assert ids.shape == (2, 77) and ids[0, 3] == 49407 and ids[1, 76] == 49407 and tokenizer.model_max_length == 77
