@@ -16,11 +16,12 @@ clip-benchmark (PyPI) is not used: it requires torchvision and open_clip, which 
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+
+from reporting import write_results
 
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.zero_shot import SCORINGS, evaluate_classification, imagenet_classnames
@@ -101,12 +102,7 @@ def main(argv=None) -> dict:
     table = "\n".join(lines)
     if args.compare_paper:
         table += "\n\nNo published zero-shot classification figure of a FLAIR release is recorded in this project yet."
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
-    output.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {output} and {output.with_suffix('.md')}")
+    write_results(result, table, args.output)
     return result
 
 

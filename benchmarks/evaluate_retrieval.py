@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from reporting import write_results
+
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.evaluation import MODES, PAPER_R1, PAPER_SET_SIZES, evaluate_retrieval
 from flair_hf.retrieval_data import LAYOUTS, BenchmarkDataError, load_benchmark, load_hub_benchmark
@@ -148,16 +150,10 @@ def main(argv=None) -> list[dict]:
         result.update({"mode": args.mode, "topk": args.topk if args.mode == "topk" else None, "model": str(args.model)})
         result.update({"model_revision": revision, "device": args.device, "autocast": args.autocast})
         results.append(result)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
     paper = paper_numbers(args.model) if args.compare_paper else None
     if args.compare_paper and paper is None:
         print(f"--compare-paper: {args.model} is not named after a released checkpoint ({', '.join(PAPER_R1)}); nothing to compare")
-    table = markdown_table(results, paper)
-    output.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {output} and {output.with_suffix('.md')}")
+    write_results(results, markdown_table(results, paper), args.output)
     return results
 
 

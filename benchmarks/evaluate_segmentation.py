@@ -13,11 +13,11 @@ markdown table (next to the JSON, `.md`) and prints the table.
 
 import argparse
 import dataclasses
-import json
 import time
-from pathlib import Path
 
 import torch
+
+from reporting import write_results
 
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.retrieval_data import BenchmarkDataError
@@ -101,12 +101,7 @@ def main(argv=None) -> list[dict]:
         })  # fmt: skip
     paper = next((v for k, v in PAPER_MIOU.items() if k in str(args.model)), None) if args.compare_paper else None
     table = markdown_table(results, paper)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
-    output.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {output} and {output.with_suffix('.md')}")
+    write_results(results, table, args.output)
     return results
 
 

@@ -273,7 +273,6 @@ def scoring(args, scale: dict, dtype: torch.dtype) -> list[dict]:
         row["max_abs_score_difference_on_subset"] = (scores[:subset] - loop.float().cpu()).abs().max().item()
         row["speedup_vs_loop"] = row["straightforward_loop"]["seconds_scaled"] / min(row["fast"]["seconds"], row["fast_chunk64"]["seconds"])
         rows.append(row)
-        del pooling, text, tokens
     return rows
 
 
