@@ -60,15 +60,10 @@ def test_zero_shot_pipeline_from_remote_code_only(tiny_dir, tiny_model, tmp_path
 
 
 def test_readme_pipeline_example_runs(tiny_dir, tmp_path):
-    import re
+    from readme_blocks import run_readme_python
 
-    readme = (ROOT / "README.md").read_text()
-    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "zero-shot-image-classification" in b)
-    example = example.replace('"flair-cc3m-recap-hf"', repr(str(tiny_dir))) + "\nprint(classifier.__class__.__name__)\n"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ZeroShotImageClassificationPipeline" in result.stdout
+    out = run_readme_python("zero-shot-image-classification", tiny_dir, tmp_path, "\nprint(classifier.__class__.__name__)\n")
+    assert "ZeroShotImageClassificationPipeline" in out
 
 
 FEATURES_REMOTE = """
