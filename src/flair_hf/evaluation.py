@@ -112,7 +112,10 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def full_root_parameters(model):
     """Under FSDP2, unshard the root module's own parameters (projections, pooling head, embeddings) for the block."""
-    from torch.distributed.fsdp import FSDPModule
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 keeps FSDP2 here
+        from torch.distributed._composable.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
         yield
