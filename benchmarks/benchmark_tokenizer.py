@@ -21,6 +21,7 @@ from pathlib import Path
 import ftfy
 import regex
 import torch
+from reporting import write_json
 
 from flair_hf import FlairTokenizer
 from flair_hf.processing_flair import OPEN_CLIP_PATTERN, _bytes_to_unicode, _read_bpe_vocab
@@ -138,8 +139,7 @@ def main(argv=None) -> dict:
           f"flair_hf is {report['speed_ratio_flair_hf_over_original']:.2f}x the original's speed; identical ids: {identical}")  # fmt: skip
     if not identical:
         raise SystemExit("the tokenizers disagree: the speed comparison is void")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
+    write_json(report, args.output)
     print(f"wrote {args.output}")
     return report
 

@@ -48,6 +48,7 @@ import benchmark_training  # noqa: E402
 import convert_flair_to_hf  # noqa: E402
 import evaluate_retrieval  # noqa: E402
 import evaluate_segmentation  # noqa: E402
+from reporting import write_json  # noqa: E402
 from manifest_weights import manifest_state_dict  # noqa: E402
 
 from flair_hf import FlairConfig, FlairModel  # noqa: E402
@@ -495,8 +496,7 @@ def main(argv=None) -> dict:
             report["segmentation"] = segmentation(args, scale, model_dir, directory)
     report["suite_seconds"] = time.perf_counter() - started
     print(markdown(report))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
+    write_json(report, args.output)
     print(f"wrote {args.output}")
     return report
 
