@@ -349,11 +349,7 @@ def verify(model: FlairModel, tensors: dict, processor: FlairProcessor, toleranc
     size = model.config.vision_config.image_size
     pixel_values = torch.randn(2, 3, size, size, generator=generator)
     input_ids = processor(text=list(VERIFY_CAPTIONS))["input_ids"]
-    config = model.config
-    expected = original_forward(
-        tensors, pixel_values, input_ids, config.vision_config.num_attention_heads,
-        config.text_config.num_attention_heads, config.pooling_num_attention_heads,
-    )  # fmt: skip
+    expected = original_forward(tensors, pixel_values, input_ids, model.config)
     with torch.no_grad():
         output = model(input_ids=input_ids, pixel_values=pixel_values)
     differences = {

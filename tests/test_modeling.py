@@ -80,6 +80,30 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_dir, inputs):
         torch.testing.assert_close(gradients[0][name], gradients[1][name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
+    """`get_text_features` runs texts sorted into length groups cut after their end-of-text token; the embeddings,
+    their gradients and a padding mask's effect equal the full 77-token pass."""
+    model = FlairModel.from_pretrained(tiny_dir, text_config={"length_groups": groups}).train()
+    generator = torch.Generator().manual_seed(0)
+    ends = torch.tensor([5, 70, 12, 76, 30, 3, 45, 9, 20, 60, 1])
+    ids = torch.randint(1, 49406, (len(ends), 77), generator=generator)
+    ids[:, 0] = 49406
+    ids[torch.arange(len(ends)), ends] = 49407
+    ids[torch.arange(77)[None, :] > ends[:, None]] = 0
+    mask = (ids != 0).long()
+    calls = []
+    hook = model.text_model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    fast = model.get_text_features(ids, mask)
+    hook.remove()
+    assert len(calls) == groups and max(shape[1] for shape in calls) == 77 and sum(s[0] for s in calls) == len(ends)
+    full = model.text_projection(model.text_model(ids, mask).pooler_output)
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-5)
+    weights = torch.randn(fast.shape, generator=generator)
+    grads = [torch.autograd.grad((out * weights).sum(), model.text_model.embeddings.token_embedding.weight)[0] for out in (fast, full)]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)  # summed over rows in another order
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_loading(tiny_dir, inputs, dtype, tiny_model):
     ids, pixels = inputs

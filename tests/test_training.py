@@ -186,6 +186,25 @@ def remote_code_eval_loss(export_dir, batch, tmp_path) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def test_fsdp2_gradients_with_text_length_groups_equal_a_single_process(tmp_path):
+    """The text tower runs once per length group; under FSDP2 (2 gloo ranks, float64, captions of different lengths
+    on each rank) the losses and averaged gradients equal a single process evaluating both ranks' batches."""
+    import fsdp_text_groups_probe as probe
+
+    output = tmp_path / "fsdp.pt"
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(ROOT / "tests" / "fsdp_text_groups_probe.py"), str(output)], timeout=300)  # fmt: skip
+    result = torch.load(output, weights_only=True)
+    model = probe.build_model()
+    losses = [probe.rank_loss(model, rank) for rank in range(2)]
+    (sum(losses) / 2).backward()
+    torch.testing.assert_close(result["losses"], torch.stack(losses).detach(), rtol=1e-12, atol=0)
+    expected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert result["gradients"].keys() == expected.keys()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(result["gradients"][name], gradient, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_simulated_two_node_fsdp2_launch(data, tmp_path):
     port = free_port()
     common = ["--config_file", str(ROOT / "training" / "accelerate" / "fsdp2_multinode.yaml"), "--num_machines", "2",

@@ -321,6 +321,24 @@ class FlairTextModel(FlairPreTrainedModel):
         pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=end_of_text.device), end_of_text]
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
 
+    def pooled_output(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`pooler_output` alone, each text computed only up to its end-of-text token (all that reaches it under the
+        causal mask): texts sorted by length into `min(config.length_groups, T)` groups, each cut at its longest.
+
+        The number of tower calls depends only on `T`, never on the lengths, so ranks of a sharded (FSDP) run that
+        hold equally many texts issue the same collectives."""
+        if input_ids.shape[0] == 0:
+            return self(input_ids, attention_mask).pooler_output
+        ends = input_ids.argmax(dim=-1)
+        order = ends.argsort()
+        groups = order.tensor_split(min(self.config.length_groups, len(order)))
+        pooled = []
+        for group in groups:
+            cut = int(ends[group].max()) + 1
+            mask = attention_mask[group, :cut] if attention_mask is not None else None
+            pooled.append(self(input_ids[group, :cut], mask).pooler_output)
+        return torch.cat(pooled)[order.argsort()]
+
 
 class FlairVisionModel(FlairPreTrainedModel):
     """ViT; unlike CLIP's, `last_hidden_state` has the post-LayerNorm applied to every token (as in FLAIR)."""
@@ -390,12 +408,19 @@ class FlairTextConditionedPooling(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries `(heads, T, hd)` (shared) or `(B, heads, T, hd)` (per image) against keys/values
         `(B, heads, L+1, hd)` -> `(B, T, D)` and optional weights."""
+        attn_output, attn_weights = self.attention_output(queries, keys, values, output_attentions)
+        return self.out_proj(attn_output), attn_weights
+
+    def attention_output(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attend` before the output projection: the heads' weighted values concatenated, `(B, T, D)`."""
         if queries.dim() == 3:
             queries = queries.unsqueeze(0).expand(keys.shape[0], -1, -1, -1)
         attn_output, attn_weights = _attention_interface(self.config, output_attentions)(
             self, queries, keys, values, None, scaling=self.scale, dropout=0.0, is_causal=False
         )
-        return self.out_proj(attn_output.flatten(-2)), attn_weights
+        return attn_output.flatten(-2), attn_weights
 
     def forward(
         self, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor, output_attentions: bool = False
@@ -443,7 +468,7 @@ class FlairModel(FlairPreTrainedModel):
 
     def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Global text embeddings `(T, D)`, not normalised: the end-of-text state projected by `text_projection`."""
-        return self.text_projection(self.text_model(input_ids, attention_mask).pooler_output)
+        return self.text_projection(self.text_model.pooled_output(input_ids, attention_mask))
 
     def get_image_features(self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Global image embeddings `(B, D)`, not normalised: the class token projected by `visual_projection`.
@@ -620,14 +645,13 @@ class FlairModel(FlairPreTrainedModel):
                 raise ValueError("FlairModel needs input_ids and pixel_values (one of them for single-tower embeddings)")
             output = self._single_tower_output(input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
             return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
-        text_outputs = self.text_model(input_ids, attention_mask)
+        if return_loss and captions_per_image is None:
+            raise ValueError("return_loss=True needs captions_per_image")
         vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding)
-        text_embeds = self.text_projection(text_outputs.pooler_output)
         image_embeds = self.visual_projection(vision_outputs.pooler_output)
         image_token_embeds = self.visual_projection(vision_outputs.last_hidden_state[:, 1:])
         if return_loss:
-            if captions_per_image is None:
-                raise ValueError("return_loss=True needs captions_per_image")
+            text_embeds = self.get_text_features(input_ids, attention_mask)
             loss_function = distributed_flair_loss if loss_across_ranks else flair_loss
             loss = loss_function(
                 self.text_conditioned_pooling, image_embeds, image_token_embeds, text_embeds,
@@ -635,6 +659,8 @@ class FlairModel(FlairPreTrainedModel):
             )  # fmt: skip
             output = FlairOutput(loss=loss, text_embeds=text_embeds, image_embeds=image_embeds)
             return output if return_dict is not False else output.to_tuple()
+        text_outputs = self.text_model(input_ids, attention_mask)
+        text_embeds = self.text_projection(text_outputs.pooler_output)
         if output_attentions:
             pooled, pooling_attentions = self.text_conditioned_pooling(text_embeds, image_token_embeds, True)
         else:

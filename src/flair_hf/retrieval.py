@@ -24,6 +24,34 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def output_norm_factors(pooling, blocks: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """What the cosines need of the pooling head's output projection `y = W a + b` without computing `y`.
+
+    `||y||^2 = ||a L||^2 + 2 a.c + b.b` with `L` the lower Cholesky factor of `W^T W` and `c = W^T b`; `L` applied in
+    `blocks` column blocks, each from its diagonal down, costs `(blocks + 1) / (2 blocks)` of `W`'s multiply-adds.
+    Returns the column blocks (the first with `c` appended as a last column) and `b.b`, float32.
+    """
+    weight, bias = pooling.out_proj.weight.double(), pooling.out_proj.bias.double()
+    lower = torch.linalg.cholesky(weight.t() @ weight)
+    dim = lower.shape[0]
+    blocks = blocks if dim % blocks == 0 else 1
+    width = dim // blocks
+    columns = [lower[j * width :, j * width : (j + 1) * width] for j in range(blocks)]
+    columns[0] = torch.cat([columns[0], (weight.t() @ bias)[:, None]], dim=1)
+    return [column.float() for column in columns], (bias @ bias).float()
+
+
+def _squared_output_norms(attention: torch.Tensor, columns: list[torch.Tensor], bias_norm: torch.Tensor) -> torch.Tensor:
+    """`||W a + b||^2` for the rows of `attention` `(N, D)` (the heads' weighted values), from `output_norm_factors`."""
+    width = columns[-1].shape[1]
+    first = attention @ columns[0].to(attention.dtype)
+    squared = first[:, -1].float() * 2 + bias_norm
+    for j, column in enumerate(columns):
+        block = first[:, :-1] if j == 0 else attention[:, j * width :] @ column.to(attention.dtype)
+        squared += block.float().square_().sum(-1)
+    return squared
+
+
 @torch.no_grad()
 def flair_scores(
     pooling,
@@ -39,19 +67,26 @@ def flair_scores(
     `pooling` is `FlairModel.text_conditioned_pooling`; `text_embeds` `(T, D)` and `image_token_embeds` `(B, L, D)`
     may live on the CPU and are moved to `device` (default: the pooling head's) chunk by chunk. `autocast_dtype`
     (e.g. `torch.bfloat16` on CUDA) runs the attention under autocast; scores are returned as float32 on the CPU.
+    The output projection is never applied: `text_j . (W a + b) = a . (W^T text_j) + text_j . b`, and the norm comes
+    from `output_norm_factors` (about half the multiply-adds).
     """
     device = torch.device(device) if device is not None else pooling.q_proj.weight.device
     scores = torch.empty(image_token_embeds.shape[0], text_embeds.shape[0])
+    columns, bias_norm = output_norm_factors(pooling)
+    columns, bias_norm = [column.to(device) for column in columns], bias_norm.to(device)
     with _autocast(device, autocast_dtype):
         text_embeds = text_embeds.to(device)
         queries = pooling.project_queries(text_embeds)
         texts = F.normalize(text_embeds.float(), dim=-1)
+        projected_texts = texts @ pooling.out_proj.weight.float()  # W^T text_j, as rows
+        text_bias = texts @ pooling.out_proj.bias.float()
         for start in range(0, image_token_embeds.shape[0], image_chunk_size):
             keys, values = pooling.project_keys_values(image_token_embeds[start : start + image_chunk_size].to(device))
             for t in range(0, texts.shape[0], text_chunk_size):
-                pooled = pooling.attend(queries[:, t : t + text_chunk_size], keys, values)[0].float()
-                norms = torch.linalg.vector_norm(pooled, dim=-1).clamp_min(1e-12)
-                block = (pooled * texts[t : t + text_chunk_size]).sum(-1) / norms
+                attention = pooling.attention_output(queries[:, t : t + text_chunk_size], keys, values)[0]
+                squared = _squared_output_norms(attention.flatten(0, 1), columns, bias_norm).view(attention.shape[:2])
+                dots = attention.float().mul_(projected_texts[t : t + text_chunk_size]).sum(-1)  # in place: a temporary
+                block = (dots + text_bias[t : t + text_chunk_size]) / squared.clamp_min(0).sqrt().clamp_min(1e-12)
                 scores[start : start + keys.shape[0], t : t + text_chunk_size] = block.cpu()
     return scores
 
@@ -104,4 +139,4 @@ def topk_scores(
     return scores
 
 
-__all__ = ["as_multihead_attention", "flair_scores", "global_scores", "straightforward_flair_scores", "topk_scores"]
+__all__ = ["as_multihead_attention", "flair_scores", "global_scores", "output_norm_factors", "straightforward_flair_scores", "topk_scores"]

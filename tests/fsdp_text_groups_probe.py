@@ -1,0 +1,71 @@
+"""Run under `torch.distributed.run` (gloo, CPU, float64): FSDP2 gradients of the FLAIR loss when the text tower runs
+in several length groups per forward (`text_config.length_groups`), with caption lengths that differ across ranks.
+
+Also importable: `build_model` and `batch_for_rank` give the single-process reference the same model and data.
+Usage: `fsdp_text_groups_probe.py OUTPUT_FILE`; rank 0 writes the full gradients and the per-rank losses.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+B, K = 2, 3
+
+
+def build_model():
+    from flair_hf import FlairConfig, FlairModel
+
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = FlairConfig(
+        projection_dim=16, text_config={**small, "length_groups": 3}, vision_config={**small, "image_size": 32}
+    )
+    torch.manual_seed(0)
+    model = FlairModel(config).double()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    from train import set_scalar_shapes
+
+    set_scalar_shapes(model, (1,))  # as the trainer: FSDP2 takes no 0-d parameters
+    return model
+
+
+def batch_for_rank(rank: int):
+    """Pixels `(B, 3, 32, 32)` and `(B*K, 77)` ids whose end-of-text positions differ per rank."""
+    generator = torch.Generator().manual_seed(10 + rank)
+    ends = torch.randint(1, 77 if rank == 0 else 20, (B * K,), generator=generator)
+    ids = torch.randint(1, 49406, (B * K, 77), generator=generator)
+    ids[:, 0] = 49406
+    ids[torch.arange(B * K), ends] = 49407
+    ids[torch.arange(77)[None, :] > ends[:, None]] = 0
+    return torch.randn(B, 3, 32, 32, generator=generator, dtype=torch.float64), ids
+
+
+def rank_loss(model, rank: int):
+    pixels, ids = batch_for_rank(rank)
+    torch.manual_seed(100 + rank)  # the loss samples its negatives from the global generator
+    return model(input_ids=ids, pixel_values=pixels, return_loss=True, captions_per_image=K, loss_across_ranks=False).loss
+
+
+def main(output: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = build_model()
+    for tower in (model.text_model, model.vision_model):
+        for layer in tower.encoder.layers:
+            fully_shard(layer)
+    fully_shard(model)
+    loss = rank_loss(model, rank)
+    loss.backward()  # FSDP2 averages the gradients over ranks
+    gradients = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
+    losses = [torch.zeros((), dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(losses, loss.detach())
+    if rank == 0:
+        torch.save({"gradients": gradients, "losses": torch.stack(losses)}, output)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
