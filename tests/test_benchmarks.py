@@ -1,0 +1,38 @@
+"""The README's speed benchmarks run as written, at small scale, and write what the README quotes."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_benchmark(script: str, *args: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_training_benchmark_compares_with_the_original_formulation(tmp_path):
+    output = tmp_path / "training.json"
+    run_benchmark("benchmark_training.py", "--model-size", "tiny", "--rounds", "1", "--output", str(output))
+    report = json.loads(output.read_text())
+    for lengths, mean_tokens in (("flair", (15, 77)), ("full", (77, 77))):
+        row = report["training_step"][lengths]
+        assert mean_tokens[0] <= row["mean_caption_tokens"] <= mean_tokens[1]
+        assert row["loss_abs_difference"] <= 1e-4 * max(1.0, abs(row["loss"]))
+        assert row["speed_ours_over_original"] == row["original"]["step"] / row["ours"]["step"]
+        parts = report["breakdown_forward_backward_seconds"][lengths]
+        assert set(parts["original"]) == set(parts["ours"]) == {"text_tower", "vision_tower", "loss_head"}
+    assert report["data_pipeline"]["samples"] > 0
+
+
+def test_scoring_benchmark_reports_both_rates_and_equal_scores(tmp_path):
+    output = tmp_path / "scoring.json"
+    run_benchmark("benchmark_scoring.py", "--images", "3", "--texts", "40", "--output", str(output))
+    report = json.loads(output.read_text())
+    assert report["max_abs_difference"] < 1e-5
+    assert report["flops_per_pair_executed"] < report["flops_per_pair_original"] == 2 * 197 * 512 * 2 + 2 * 512 * 512
+    assert report["matmul_peak_gflops"] == max(report["matmul_peak_gflops_measured"])
+    assert abs(report["fraction_of_matmul_peak"] - report["fast_gflops"] / report["matmul_peak_gflops"]) < 1e-12
