@@ -104,6 +104,33 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)  # summed over rows in another order
 
 
+def test_traced_or_exported_text_features_do_not_bake_in_example_lengths(tiny_model):
+    """Tracing or exporting runs the full-length pass: a graph made on short captions stays right on long ones."""
+
+    class TextFeatures(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model.get_text_features(input_ids)
+
+    def captions(ends):
+        ids = torch.randint(1, 49406, (len(ends), 77), generator=torch.Generator().manual_seed(len(ends)))
+        ids[:, 0] = 49406
+        ids[torch.arange(len(ends)), torch.tensor(ends)] = 49407
+        ids[torch.arange(77)[None, :] > torch.tensor(ends)[:, None]] = 0
+        return ids
+
+    wrapper = TextFeatures(tiny_model).eval()
+    short, long = captions([3, 5, 4, 6]), captions([40, 70, 12, 76])
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, short, check_trace=False)
+        exported = torch.export.export(wrapper, (short,)).module()
+        for graph in (traced, exported):
+            torch.testing.assert_close(graph(long), tiny_model.get_text_features(long), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_loading(tiny_dir, inputs, dtype, tiny_model):
     ids, pixels = inputs

@@ -326,8 +326,9 @@ class FlairTextModel(FlairPreTrainedModel):
         causal mask): texts sorted by length into `min(config.length_groups, T)` groups, each cut at its longest.
 
         The number of tower calls depends only on `T`, never on the lengths, so ranks of a sharded (FSDP) run that
-        hold equally many texts issue the same collectives."""
-        if input_ids.shape[0] == 0:
+        hold equally many texts issue the same collectives. Traced or compiled, the full-length pass runs instead, so
+        that no example's lengths are baked into the graph."""
+        if input_ids.shape[0] == 0 or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self(input_ids, attention_mask).pooler_output
         ends = input_ids.argmax(dim=-1)
         order = ends.argsort()
