@@ -5,10 +5,10 @@
 
 The step is forward (FLAIR loss) + backward + AdamW on one process. The baseline is `OriginalFlair` from
 `conversion/original_forward.py` (open_clip towers with fused `in_proj` attention, `nn.MultiheadAttention` pooling,
-the original loss) holding the same weights; both run in this process in interleaved rounds, after a check that their losses agree. Captions are
-`flair` lengths (sub-captions of 1-3 sentences of 12-28 tokens, as FLAIR samples them, capped at 77) and `full`
-(every caption 77 tokens, the worst case). A breakdown times each part (text tower, vision tower, loss head,
-optimizer) forward + backward. The pipeline reads webdataset shards (synthetic 256x256 JPEGs with DreamLIP-style
+the original loss) holding the same weights; both run in this process in interleaved rounds, after a check that
+their losses agree. Captions are `flair` lengths (sub-captions of 1-3 sentences of 12-28 tokens, as FLAIR samples
+them, capped at 77) and `full` (every caption 77 tokens, the worst case). A breakdown times each part (text tower,
+vision tower, loss head) forward + backward; AdamW's share comes from the steps. The pipeline reads webdataset shards (synthetic 256x256 JPEGs with DreamLIP-style
 captions unless --data is given), decodes, crops and tokenises with the given number of DataLoader workers.
 Prints the numbers and writes JSON.
 """

@@ -31,12 +31,10 @@ def build_model():
 
 def batch_for_rank(rank: int):
     """Pixels `(B, 3, 32, 32)` and `(B*K, 77)` ids whose end-of-text positions differ per rank."""
+    from token_ids import ids_ending_at
+
     generator = torch.Generator().manual_seed(10 + rank)
-    ends = torch.randint(1, 77 if rank == 0 else 20, (B * K,), generator=generator)
-    ids = torch.randint(1, 49406, (B * K, 77), generator=generator)
-    ids[:, 0] = 49406
-    ids[torch.arange(B * K), ends] = 49407
-    ids[torch.arange(77)[None, :] > ends[:, None]] = 0
+    ids = ids_ending_at(torch.randint(1, 77 if rank == 0 else 20, (B * K,), generator=generator), generator)
     return torch.randn(B, 3, 32, 32, generator=generator, dtype=torch.float64), ids
 
 

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModel, CLIPModel
 
 from flair_hf import FlairModel
+from token_ids import ids_ending_at
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +87,8 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
     their gradients and a padding mask's effect equal the full 77-token pass."""
     model = FlairModel.from_pretrained(tiny_dir, text_config={"length_groups": groups}).train()
     generator = torch.Generator().manual_seed(0)
-    ends = torch.tensor([5, 70, 12, 76, 30, 3, 45, 9, 20, 60, 1])
-    ids = torch.randint(1, 49406, (len(ends), 77), generator=generator)
-    ids[:, 0] = 49406
-    ids[torch.arange(len(ends)), ends] = 49407
-    ids[torch.arange(77)[None, :] > ends[:, None]] = 0
+    ends = [5, 70, 12, 76, 30, 3, 45, 9, 20, 60, 1]
+    ids = ids_ending_at(ends, generator)
     mask = (ids != 0).long()
     calls = []
     hook = model.text_model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
@@ -115,15 +113,9 @@ def test_traced_or_exported_text_features_do_not_bake_in_example_lengths(tiny_mo
         def forward(self, input_ids):
             return self.model.get_text_features(input_ids)
 
-    def captions(ends):
-        ids = torch.randint(1, 49406, (len(ends), 77), generator=torch.Generator().manual_seed(len(ends)))
-        ids[:, 0] = 49406
-        ids[torch.arange(len(ends)), torch.tensor(ends)] = 49407
-        ids[torch.arange(77)[None, :] > torch.tensor(ends)[:, None]] = 0
-        return ids
-
     wrapper = TextFeatures(tiny_model).eval()
-    short, long = captions([3, 5, 4, 6]), captions([40, 70, 12, 76])
+    generator = torch.Generator().manual_seed(0)
+    short, long = ids_ending_at([3, 5, 4, 6], generator), ids_ending_at([40, 70, 12, 76], generator)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, short, check_trace=False)
         exported = torch.export.export(wrapper, (short,)).module()
