@@ -5,6 +5,7 @@ loads into `CLIPModel` (for global, CLIP-style matching) with only `text_conditi
 left over. This file is self-contained: it does not import transformers' CLIP modules.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -259,8 +260,21 @@ class FlairPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     @torch.no_grad()
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        """Run `_init_weights` on every module. transformers skips, for code outside its package, modules without
+        parameters of their own (here the attention and MLP blocks, initialised through their children); that shortcut
+        is unneeded, as every write goes through `transformers.initialization`, which leaves loaded tensors alone."""
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module):
-        """CLIP's initialisation for the towers and projections; xavier for the pooling head's projections."""
+        """The original FLAIR's initialisation (open_clip's), so a model trained from scratch starts where the paper's did.
+
+        Text tower: open_clip's `TextTransformer.init_parameters` (normal weights; MLP biases keep torch's uniform).
+        Vision tower: torch's defaults, as open_clip's `VisionTransformer.init_parameters` is a no-op (uniform Linear
+        and patch-convolution weights, xavier for the fused q/k/v, zero attention biases), with `width**-0.5` normal
+        class and position embeddings. Pooling head: `nn.MultiheadAttention`'s defaults. Every scale is multiplied by
+        `initializer_factor`.
+        """
         factor = self.config.initializer_factor
         if isinstance(module, FlairTextEmbeddings):
             init.normal_(module.token_embedding.weight, std=factor * 0.02)
@@ -268,21 +282,27 @@ class FlairPreTrainedModel(PreTrainedModel):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
         elif isinstance(module, FlairVisionEmbeddings):
             init.normal_(module.class_embedding, std=module.embed_dim**-0.5 * factor)
-            init.normal_(module.patch_embedding.weight, std=module.config.initializer_range * factor)
-            init.normal_(module.position_embedding.weight, std=module.config.initializer_range * factor)
+            _torch_default_uniform(module.patch_embedding.weight, factor)
+            init.normal_(module.position_embedding.weight, std=module.embed_dim**-0.5 * factor)
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
-        elif isinstance(module, FlairAttention):
-            in_std = (module.embed_dim**-0.5) * ((2 * module.config.num_hidden_layers) ** -0.5) * factor
+        elif isinstance(module, FlairAttention) and isinstance(module.config, FlairTextConfig):
+            width, layers = module.embed_dim, module.config.num_hidden_layers
             for projection in (module.q_proj, module.k_proj, module.v_proj):
-                init.normal_(projection.weight, std=in_std)
-            init.normal_(module.out_proj.weight, std=module.embed_dim**-0.5 * factor)
+                init.normal_(projection.weight, std=width**-0.5 * factor)
+            init.normal_(module.out_proj.weight, std=width**-0.5 * (2 * layers) ** -0.5 * factor)
+            _zero_biases(module.q_proj, module.k_proj, module.v_proj, module.out_proj)
+        elif isinstance(module, (FlairAttention, FlairTextConditionedPooling)):
+            _multihead_attention_default(module, factor)
         elif isinstance(module, FlairMLP):
-            hidden, layers = module.config.hidden_size, module.config.num_hidden_layers
-            init.normal_(module.fc1.weight, std=(2 * hidden) ** -0.5 * factor)
-            init.normal_(module.fc2.weight, std=hidden**-0.5 * (2 * layers) ** -0.5 * factor)
-        elif isinstance(module, FlairTextConditionedPooling):
-            for projection in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
-                init.xavier_uniform_(projection.weight)
+            for linear in (module.fc1, module.fc2):
+                _torch_default_uniform(linear.bias, factor, fan_in=linear.in_features)
+            if isinstance(module.config, FlairTextConfig):
+                width, layers = module.config.hidden_size, module.config.num_hidden_layers
+                init.normal_(module.fc1.weight, std=(2 * width) ** -0.5 * factor)
+                init.normal_(module.fc2.weight, std=width**-0.5 * (2 * layers) ** -0.5 * factor)
+            else:
+                _torch_default_uniform(module.fc1.weight, factor)
+                _torch_default_uniform(module.fc2.weight, factor)
         elif isinstance(module, FlairModel):
             init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
@@ -291,8 +311,29 @@ class FlairPreTrainedModel(PreTrainedModel):
         if isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear) and module.bias is not None:
-            init.zeros_(module.bias)
+
+
+def _torch_default_uniform(tensor: torch.Tensor, factor: float, fan_in: int | None = None) -> None:
+    """torch's default for Linear / Conv weights and biases: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`."""
+    fan_in = fan_in or tensor[0].numel()
+    bound = factor / math.sqrt(fan_in)
+    init.uniform_(tensor, -bound, bound)
+
+
+def _zero_biases(*linears: nn.Linear) -> None:
+    for linear in linears:
+        init.zeros_(linear.bias)
+
+
+def _multihead_attention_default(module: nn.Module, factor: float) -> None:
+    """`nn.MultiheadAttention`'s own initialisation of separate q/k/v projections: xavier-uniform over the fused
+    `(3D, D)` in-projection (bound `sqrt(6 / 4D)`), torch's default uniform out-projection, zero biases."""
+    width = module.q_proj.in_features
+    bound = math.sqrt(6 / (4 * width)) * factor
+    for projection in (module.q_proj, module.k_proj, module.v_proj):
+        init.uniform_(projection.weight, -bound, bound)
+    _torch_default_uniform(module.out_proj.weight, factor)
+    _zero_biases(module.q_proj, module.k_proj, module.v_proj, module.out_proj)
 
 
 class FlairTextModel(FlairPreTrainedModel):
