@@ -11,8 +11,11 @@ from PIL import Image
 CAPTIONS = ["A red square. It is bright. On white", "A blue circle. Small</s>Centered", "Green stripes.\nThin lines. Many of them"]
 
 
-def write_shard(path: Path, start: int, count: int, corrupt_index: int | None = None, extension: str = "jpg") -> None:
-    """`count` samples (image + DreamLIP/PixelProse-style json); `corrupt_index` gets undecodable image bytes."""
+def write_shard(
+    path: Path, start: int, count: int, corrupt_index: int | None = None, extension: str = "jpg", captions: dict | str | None = None
+) -> None:
+    """`count` samples (image + DreamLIP/PixelProse-style json); `corrupt_index` gets undecodable image bytes;
+    `captions`: the same json record (a dict) or `.txt` caption (a string) for every sample instead."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for i in range(start, start + count):
@@ -21,7 +24,11 @@ def write_shard(path: Path, start: int, count: int, corrupt_index: int | None = 
             Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buffer, format="PNG" if extension == "png" else "JPEG")
             data = buffer.getvalue() if i != corrupt_index else b"\xff\xd8 broken"
             record = {"caption": CAPTIONS[i % 3]} if i % 2 else {"raw_caption": [CAPTIONS[i % 3]], "longSV_captions": "Extra sentence. Another one"}
-            for name, payload in ((f"{i:06d}.{extension}", data), (f"{i:06d}.json", json.dumps(record).encode())):
+            if isinstance(captions, str):
+                caption_file = (f"{i:06d}.txt", captions.encode())
+            else:
+                caption_file = (f"{i:06d}.json", json.dumps(record if captions is None else captions).encode())
+            for name, payload in ((f"{i:06d}.{extension}", data), caption_file):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))

@@ -11,7 +11,7 @@ from conftest import ROOT
 from shards import write_corrupt_shard, write_shard
 
 sys.path.insert(0, str(ROOT / "training"))
-from data import FlairTrainingStream, RandomResizedCropTransform, expand_braces, make_collate, parse_sources  # noqa: E402
+from data import DataError, FlairTrainingStream, RandomResizedCropTransform, check_shards, expand_braces, make_collate, parse_sources  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,43 @@ def test_random_resized_crop_keeps_most_of_the_image():
 
     pixels = transform(Image.new("L", (50, 80)), rng)
     assert pixels.shape == (3, 224, 224)
+
+
+def test_txt_captions_are_used(tmp_path):
+    write_shard(tmp_path / "txt.tar", 0, 3, captions="A cat on a mat. It sleeps")
+    samples = list(FlairTrainingStream(parse_sources(str(tmp_path / "txt.tar")), captions_per_image=2, shuffle_buffer=1))
+    assert len(samples) == 3
+    assert all(set(". ".join(texts).split(". ")) <= {"A cat on a mat", "It sleeps"} for _, texts in samples)
+
+
+@pytest.mark.parametrize("captions", [{}, {"captions": ["a dog"]}])
+def test_unusable_captions_stop_with_one_summary(tmp_path, caplog, captions):
+    write_shard(tmp_path / "bad.tar", 0, 6, captions=captions)
+    stream = FlairTrainingStream(parse_sources(str(tmp_path / "bad.tar")), shuffle_buffer=1)
+    with pytest.raises(DataError) as error:
+        list(stream)
+    message = str(error.value)
+    assert message.startswith("all 6 training samples are unusable: no usable captions: expected a .json with one of the keys raw_caption")
+    assert "(--caption-keys)" in message and "found sample fields jpg, json and json keys " + ("captions" if captions else "none") in message
+    assert stream.stats.unusable_captions == 6
+    assert caplog.text.count("no usable captions") == 1  # one warning, not one per sample
+
+
+def test_a_long_run_of_unusable_samples_stops_early(tmp_path, monkeypatch):
+    import data
+
+    monkeypatch.setattr(data, "CHECK_FIRST", 4)
+    write_shard(tmp_path / "bad.tar", 0, 10, captions={})
+    stream = FlairTrainingStream(parse_sources(str(tmp_path / "bad.tar")), shuffle_buffer=1)
+    with pytest.raises(DataError, match="the first 4 training samples are all unusable"):
+        list(stream)
+    assert stream.stats.unusable_captions == 4
+
+
+def test_missing_shards_and_directories_are_named(tmp_path):
+    write_shard(tmp_path / "a.tar", 0, 2)
+    with pytest.raises(DataError, match=r"2 of 3 shards do not exist \(first: .*b.tar\)"):
+        check_shards(parse_sources(f"{tmp_path}/{{a,b,c}}.tar"))
+    with pytest.raises(DataError, match="is a directory: name the shard files"):
+        check_shards(parse_sources(str(tmp_path)))
+    check_shards(parse_sources(f"{tmp_path}/a.tar::https://example.org/x.tar"))

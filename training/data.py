@@ -1,17 +1,19 @@
 """Training data for FLAIR: webdataset shards (through `datasets`' streaming webdataset loader) or any `datasets`
 image-text dataset, with per-rank/worker splitting, buffer shuffling, source mixing, sub-caption sampling and the
-training image transform. Corrupt samples and shards are skipped with a warning and counted.
+training image transform. Corrupt samples and shards are skipped, warned about once per worker and counted in
+counters shared by all DataLoader workers; a stream whose first samples are all unusable stops with a summary.
 """
 
 import io
 import itertools
 import logging
 import math
+import multiprocessing
+import os
 import random
 import re
 import zlib
-from dataclasses import dataclass, field
-
+from collections import namedtuple
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
@@ -21,6 +23,29 @@ from flair_hf.captions import DREAMLIP_KEYS, caption_sentences, sample_subcaptio
 
 logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+Skipped = namedtuple("Skipped", "kind message")  # an unusable sample: its DataStats counter and why
+CHECK_FIRST = 200  # a worker whose first CHECK_FIRST samples are all unusable stops the run
+
+
+class DataError(ValueError):
+    """Training data that cannot be used: the message is one line naming the cause and the fix."""
+
+
+def check_shards(sources: list[tuple[list[str], float]]) -> None:
+    """Every local shard must be an existing file (URLs and `pipe:` commands are left to the loader)."""
+    local = [shard for files, _ in sources for shard in files if "://" not in shard and not shard.startswith("pipe:")]
+    directories = [shard for shard in local if os.path.isdir(shard)]
+    if directories:
+        raise DataError(
+            f"--train-data {directories[0]} is a directory: name the shard files, e.g. "
+            f"'{directories[0].rstrip('/')}/train-{{0000..0099}}.tar' (brace patterns expand)"
+        )
+    missing = [shard for shard in local if not os.path.isfile(shard)]
+    if missing:
+        raise DataError(
+            f"--train-data: {len(missing)} of {len(local)} shards do not exist (first: {missing[0]}); "
+            "check the path and the brace pattern"
+        )
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -82,13 +107,25 @@ class RandomResizedCropTransform:
         return self.normalize(image, return_tensors="pt")["pixel_values"][0]
 
 
-@dataclass
 class DataStats:
-    """Counters of skipped data (per worker; logged by the trainer)."""
+    """Counts of skipped data, in shared memory so that every DataLoader worker adds to the same counters."""
 
-    corrupt_samples: int = 0
-    corrupt_shards: int = 0
-    skipped: list = field(default_factory=list)
+    FIELDS = ("corrupt_samples", "unusable_captions", "corrupt_shards")
+
+    def __init__(self):
+        self._counts = multiprocessing.Array("q", len(self.FIELDS))
+
+    def add(self, name: str, count: int = 1) -> None:
+        with self._counts.get_lock():
+            self._counts[self.FIELDS.index(name)] += count
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(zip(self.FIELDS, self._counts[:]))
+
+    def __getattr__(self, name: str) -> int:
+        if name in DataStats.FIELDS:
+            return self._counts[DataStats.FIELDS.index(name)]
+        raise AttributeError(name)
 
 
 class FlairTrainingStream(IterableDataset):
@@ -168,15 +205,18 @@ class FlairTrainingStream(IterableDataset):
             for batch in stream.iter(batch_size=1):
                 yield {key: values[0] for key, values in batch.items()}
         except Exception as error:  # noqa: BLE001 - a broken shard must not end the run
-            self.stats.corrupt_shards += 1
-            self.stats.skipped.append(shard)
+            self.stats.add("corrupt_shards")
             logger.warning("skipping the rest of corrupt shard %s: %s", shard, error)
 
     def _webdataset_samples(self):
         for shard in self._shard_order():
             for record in self._shard_records(shard):
                 image = next((record[key] for key in IMAGE_KEYS if record.get(key) is not None), None)
-                yield record.get("__key__"), image, record.get("json")
+                captions = record.get("json") if isinstance(record.get("json"), dict) else {}
+                if isinstance(record.get("txt"), str) and "caption" not in captions:
+                    captions = {**captions, "caption": record["txt"]}  # img2dataset's .txt caption
+                fields = sorted(key for key, value in record.items() if not key.startswith("__") and value is not None)
+                yield record.get("__key__"), image, captions, fields
 
     def _dataset_samples(self):
         from datasets.distributed import split_dataset_by_node
@@ -187,29 +227,57 @@ class FlairTrainingStream(IterableDataset):
             part = part.shuffle(seed=zlib.crc32(repr((self.seed, self.epoch)).encode()))
         for index, row in enumerate(part):
             caption = row[self.caption_column]
-            yield index, row[self.image_column], {"caption": caption} if isinstance(caption, str) else caption
+            yield index, row[self.image_column], {"caption": caption} if isinstance(caption, str) else caption, [self.caption_column]
 
-    def _decode(self, key, image, captions) -> tuple[torch.Tensor, list[str]] | None:
+    def _caption_problem(self, captions, fields: list[str]) -> str:
+        found = sorted(captions) if isinstance(captions, dict) and captions else "none"
+        return (
+            f"no usable captions: expected a .json with one of the keys {', '.join(self.caption_keys)} (--caption-keys) "
+            f"or a 'caption' string, or a .txt caption; found sample fields {', '.join(fields) or 'none'} and json keys "
+            f"{', '.join(found) if isinstance(found, list) else found}"
+        )
+
+    def _decode(self, key, image, captions, fields) -> tuple[torch.Tensor, list[str]] | Skipped:
+        """`(pixels, sub-captions)`, or why the sample is unusable (counted in `stats`)."""
+        sentences = caption_sentences(captions, self.caption_keys) if isinstance(captions, dict) else []
+        if not sentences:
+            self.stats.add("unusable_captions")
+            return Skipped("unusable_captions", self._caption_problem(captions, fields))
         try:
             if isinstance(image, dict):
                 image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
             image.load()
-            sentences = caption_sentences(captions or {}, self.caption_keys)
-            rng = self._rng(str(key))
-            texts = sample_subcaptions(sentences, self.captions_per_image, self.max_merged, rng)
-            return self.transform(image, rng), texts
         except Exception as error:  # noqa: BLE001 - a broken sample must not end the run
-            self.stats.corrupt_samples += 1
-            logger.warning("skipping corrupt sample %s: %s", key, error)
-            return None
+            self.stats.add("corrupt_samples")
+            return Skipped("corrupt_samples", f"skipping corrupt sample {key}: {error}")
+        rng = self._rng(str(key))
+        texts = sample_subcaptions(sentences, self.captions_per_image, self.max_merged, rng)
+        return self.transform(image, rng), texts
+
+    def _usable_samples(self):
+        """Decoded samples; problems are warned about once per kind, and a worker whose first `CHECK_FIRST` samples
+        (or all, if fewer) are unusable raises `DataError` with the last problem."""
+        seen, usable, warned = 0, 0, set()
+        samples = self._webdataset_samples() if self.sources is not None else self._dataset_samples()
+        for raw in samples:
+            seen += 1
+            sample = self._decode(*raw)
+            if isinstance(sample, Skipped):
+                if sample.kind not in warned:
+                    warned.add(sample.kind)
+                    logger.warning("%s (further ones are counted as %s, not shown)", sample.message, sample.kind)
+                if usable == 0 and seen >= CHECK_FIRST:
+                    raise DataError(f"the first {seen} training samples are all unusable: {sample.message}")
+                last_problem = sample.message
+                continue
+            usable += 1
+            yield sample
+        if seen and not usable:
+            raise DataError(f"all {seen} training samples are unusable: {last_problem}")
 
     def __iter__(self):
-        samples = self._webdataset_samples() if self.sources is not None else self._dataset_samples()
         rng, buffer = self._rng(3), []
-        for raw in samples:
-            sample = self._decode(*raw)
-            if sample is None:
-                continue
+        for sample in self._usable_samples():
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(sample)
                 continue
@@ -232,4 +300,4 @@ def make_collate(tokenizer, context_length: int = 77):
     return collate
 
 
-__all__ = ["FlairTrainingStream", "RandomResizedCropTransform", "expand_braces", "make_collate", "parse_sources"]
+__all__ = ["DataError", "DataStats", "FlairTrainingStream", "check_shards", "RandomResizedCropTransform", "expand_braces", "make_collate", "parse_sources"]

@@ -11,12 +11,16 @@ Checkpoints (`accelerator.save_state`, sharded under FSDP) are written every `ch
 
 import argparse
 import dataclasses
+import difflib
 import gc
+import inspect
 import json
 import math
 import os
+import shutil
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +28,11 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import FlairTrainingStream, make_collate, parse_sources  # noqa: E402
+from data import DataError, FlairTrainingStream, check_shards, make_collate, parse_sources  # noqa: E402
 
-from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTokenizer  # noqa: E402
+from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTextConfig, FlairTokenizer, FlairVisionConfig  # noqa: E402
 from flair_hf.captions import DREAMLIP_KEYS  # noqa: E402
+from flair_hf.evaluation import MODES  # noqa: E402
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -68,16 +73,19 @@ class TrainConfig:
     lr: float = option(5e-4, "peak learning rate")
     warmup_steps: int = option(2000, "linear warmup steps before the cosine decay")
     reset_schedule: bool = option(False, "on resume, rebuild the LR schedule for a changed --max-steps / --epochs")
-    weight_decay: float = option(0.5, "AdamW weight decay (not on gains, biases, embeddings, logit parameters)")
+    weight_decay: float = option(0.5, "AdamW weight decay on every tensor with 2 or more dimensions (as the original)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.98, "AdamW beta2")
     eps: float = option(1e-8, "AdamW epsilon")
-    mixed_precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), no, bf16 or fp16")
+    grad_clip_norm: float | None = option(None, "clip the gradients' global norm to this value (none: no clipping, as the paper runs)")
+    mixed_precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), no, bf16 or fp16 (with loss scaling, as the original's amp)")
+    tf32: bool = option(True, "allow TF32 matmuls and convolutions on GPU (the original enables them)")
     seed: int = option(0, "seed for data order, sub-caption and negative sampling")
     # checkpoints, logging, export
     output_dir: str = option("runs/flair", "checkpoints, logs, losses.jsonl, eval.jsonl and the final model")
     checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps (and at the end)")
-    resume: str | None = option(None, '"latest" or a checkpoint directory')
+    resume: str | None = option(None, '"latest" (the newest complete checkpoint, or a new run if none) or a checkpoint directory')
+    overwrite: bool = option(False, "start a new run in an OUTPUT_DIR that holds one (deletes its checkpoints, logs and model)")
     log_every: int = option(10, "send metrics to the trackers every N steps")
     report_to: str = option("tensorboard", "tensorboard, wandb, all or none")
     export_dir: str | None = option(None, "where the final model goes (default: OUTPUT_DIR/final)")
@@ -90,8 +98,112 @@ class TrainConfig:
     eval_batch_size: int = option(64, "images / texts per encoding batch")
 
 
+class ConfigError(SystemExit):
+    """A one-line configuration error, printed before anything starts (no traceback)."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def _type_name(kind) -> str:
+    return " or ".join(sorted({t.__name__ for t in typing.get_args(kind) if t is not type(None)})) or getattr(kind, "__name__", str(kind))
+
+
+def coerce(name: str, kind, value):
+    """`value` (from YAML or the command line) as the field's type: `1e-4` is a float, "true" a bool, "a,b" a list."""
+    option = f"--{name.replace('_', '-')}"
+    if value is None:
+        if type(None) in typing.get_args(kind):
+            return None
+        raise ConfigError(f"{option} needs a value ({_type_name(kind)})")
+    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+    if base is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except ValueError:
+            pass
+    elif base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif base is list:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif base is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, dict):
+            return value
+    raise ConfigError(f"{option} {value!r} is not a {_type_name(kind)}")
+
+
+def check_model_config(model_config: dict) -> None:
+    """Every key of `model_config` (and of its `text_config` / `vision_config`) must be a field of the config class."""
+    def check(values, config_class, where):
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} must be a mapping of {config_class.__name__} fields, got {values!r}")
+        known = sorted(inspect.get_annotations(config_class))
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"unknown key {key!r} in {where}{hint}; valid keys: {', '.join(known)}")
+
+    check(model_config, FlairConfig, "model_config")
+    for key, config_class in (("text_config", FlairTextConfig), ("vision_config", FlairVisionConfig)):
+        if model_config.get(key) is not None:
+            check(model_config[key], config_class, f"model_config.{key}")
+
+
+CHOICES = {
+    "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "report_to": ("tensorboard", "wandb", "all", "none"),
+    "eval_mode": MODES,
+}
+AT_LEAST_ONE = ("epochs", "batch_size", "captions_per_image", "max_merged", "gradient_accumulation_steps", "shuffle_buffer",
+                "checkpoint_every", "log_every", "eval_batch_size", "max_steps", "train_num_samples", "eval_every_steps")
+NOT_NEGATIVE = ("lr", "warmup_steps", "weight_decay", "workers")
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Range and choice checks, each a one-line error naming the option."""
+    for name in AT_LEAST_ONE:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in NOT_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(config, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(config, name) < 1:
+            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.eps <= 0:
+        raise ConfigError(f"--eps must be positive, got {config.eps}")
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)!r}: choose from {', '.join(choices)}")
+    if config.model is not None and config.model_config:
+        raise ConfigError("give --model (a checkpoint to start from) or --model-config (a model from scratch), not both")
+    check_model_config(config.model_config)
+    return config
+
+
 def load_config(argv=None) -> TrainConfig:
-    """YAML `--config` first, then `--field value` overrides (YAML syntax for values: lists, dicts, null)."""
+    """YAML `--config` first, then `--field value` overrides; every value parsed as its field's type and validated."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with TrainConfig fields (command-line options override it)")
     defaults = TrainConfig()
@@ -99,16 +211,23 @@ def load_config(argv=None) -> TrainConfig:
         help_text = item.metadata["help"]
         if "default" not in help_text:
             help_text += f" (default: {getattr(defaults, item.name)!r})"
-        parser.add_argument(
-            f"--{item.name.replace('_', '-')}", dest=item.name, type=yaml.safe_load, default=argparse.SUPPRESS, help=help_text.replace("%", "%%")
-        )
+        parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
     args = vars(parser.parse_args(argv))
-    values = yaml.safe_load(Path(args.pop("config")).read_text()) if args.get("config") else {}
-    args.pop("config", None)
-    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    config_file = args.pop("config", None)
+    values = {}
+    if config_file:
+        if not Path(config_file).is_file():
+            raise ConfigError(f"--config {config_file}: no such file")
+        values = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {config_file} must hold a mapping of option: value")
+    fields = {item.name: item for item in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise SystemExit(f"unknown config keys: {', '.join(sorted(unknown))}")
-    return TrainConfig(**{**values, **args})
+        raise ConfigError(f"unknown keys in {config_file}: {', '.join(unknown)} (see --help for the options)")
+    merged = {**values, **args}
+    hints = typing.get_type_hints(TrainConfig)
+    return validate(TrainConfig(**{name: coerce(name, hints[name], value) for name, value in merged.items()}))
 
 
 def check_trackers(report_to: str | None) -> None:
@@ -178,14 +297,22 @@ def build_processor(config: TrainConfig, model: FlairModel) -> FlairProcessor:
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
-    """No weight decay on gains, biases, embeddings and the logit parameters."""
+    """AdamW groups as the original: no weight decay on tensors with fewer than two dimensions (gains, biases, the
+    logit scalars); every matrix, embedding table and the patch convolution is decayed."""
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        exempt = parameter.ndim < 2 or "bias" in name or "embedding" in name or "logit_" in name or "norm" in name
-        (no_decay if exempt else decay).append(parameter)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """The rate optimizer step `step` (0-based) uses, as the original's cosine schedule: linear warmup
+    `base_lr * (step + 1) / warmup_steps`, then `0.5 * (1 + cos(pi * (step - warmup) / (total - warmup))) * base_lr`."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / decay_steps)) * base_lr if decay_steps > 0 else base_lr
 
 
 def build_stream(config: TrainConfig, rank: int, world_size: int, image_size: int) -> FlairTrainingStream:
@@ -194,7 +321,9 @@ def build_stream(config: TrainConfig, rank: int, world_size: int, image_size: in
         shuffle_buffer=config.shuffle_buffer, seed=config.seed, rank=rank, world_size=world_size, image_size=image_size,
     )  # fmt: skip
     if config.train_data:
-        return FlairTrainingStream(parse_sources(config.train_data, config.train_data_weights), **common)
+        sources = parse_sources(config.train_data, config.train_data_weights)
+        check_shards(sources)
+        return FlairTrainingStream(sources, **common)
     if config.dataset_name:
         import datasets
 
@@ -216,9 +345,73 @@ def steps_per_epoch(config: TrainConfig, stream: FlairTrainingStream, world_size
     return max(1, samples // (config.batch_size * world_size * config.gradient_accumulation_steps))
 
 
+RUN_FILES = ("checkpoints", "losses.jsonl", "eval.jsonl", "summary.json", "logs", "final")
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / "trainer_state.json").is_file()
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return checkpoints[-1] if checkpoints else None
+    """The newest complete checkpoint (a save killed midway leaves only a `.partial` directory, never picked)."""
+    found = [path for path in (output_dir / "checkpoints").glob("step_*") if path.name.split("_")[1].isdigit() and is_complete(path)]
+    return max(found, key=lambda path: int(path.name.split("_")[1]), default=None)
+
+
+def find_checkpoint(config: TrainConfig, output_dir: Path, print_fn) -> Path | None:
+    """The checkpoint `--resume` names; a new run must not silently overwrite an old one."""
+    if config.resume is None:
+        existing = [name for name in RUN_FILES if (output_dir / name).exists()]
+        if existing and not config.overwrite:
+            raise ConfigError(
+                f"{output_dir} already holds a run ({', '.join(existing)}): pass --resume latest to continue it, "
+                "--overwrite true to start over, or another --output-dir"
+            )
+        return None
+    if config.resume == "latest":
+        checkpoint = latest_checkpoint(output_dir)
+        print_fn(f"resuming from {checkpoint}, the newest complete checkpoint" if checkpoint else f"no checkpoint in {output_dir}: new run")
+        return checkpoint
+    checkpoint = Path(config.resume)
+    if not checkpoint.is_dir():
+        raise ConfigError(f"--resume {config.resume}: no such checkpoint directory (or pass --resume latest)")
+    if not is_complete(checkpoint):
+        raise ConfigError(f"--resume {config.resume} is not a complete checkpoint (no trainer_state.json): pick another")
+    return checkpoint
+
+
+def start_logs(output_dir: Path, checkpoint: Path | None, step: int) -> None:
+    """A new run starts from an empty directory of its own; a resumed one keeps its logs up to the checkpoint's step,
+    so every step appears once in losses.jsonl and eval.jsonl however often the run was resumed."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        for name in RUN_FILES:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return
+    for path in (output_dir / "losses.jsonl", output_dir / "eval.jsonl"):
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text("".join(line + "\n" for line in kept))
+            partial.replace(path)
+
+
+def save_checkpoint(accelerator, directory: Path, trainer_state: dict) -> None:
+    """`accelerator.save_state` into `step_N.partial`, then the trainer state, then a rename: a checkpoint is visible
+    under its name only when complete."""
+    partial = directory.with_name(directory.name + ".partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / "trainer_state.json").write_text(json.dumps(trainer_state))
+        if directory.exists():
+            shutil.rmtree(directory)
+        partial.rename(directory)
+    accelerator.wait_for_everyone()
 
 
 def export(accelerator, model, processor, directory: Path) -> None:
@@ -255,11 +448,9 @@ def evaluate_loss(model, config: TrainConfig, device) -> float:
 
 def load_eval_benchmarks(config: TrainConfig) -> list:
     """`[(name, dataset)]` for `--eval-benchmarks` (a list or "a,b"), checked before training starts."""
-    from flair_hf.evaluation import MODES
     from flair_hf.retrieval_data import LAYOUTS, load_benchmark
 
-    names = config.eval_benchmarks.split(",") if isinstance(config.eval_benchmarks, str) else list(config.eval_benchmarks)
-    names = list(dict.fromkeys(name.strip() for name in names if name.strip()))
+    names = list(dict.fromkeys(config.eval_benchmarks))
     if not names:
         return []
     unknown = [name for name in names if name not in LAYOUTS]
@@ -267,8 +458,6 @@ def load_eval_benchmarks(config: TrainConfig) -> list:
         raise SystemExit(f"unknown --eval-benchmarks {', '.join(unknown)}: choose from {', '.join(LAYOUTS)}")
     if not config.eval_data_root:
         raise SystemExit("--eval-benchmarks needs --eval-data-root (the benchmarks' original layouts)")
-    if config.eval_mode not in MODES:
-        raise SystemExit(f"--eval-mode {config.eval_mode!r}: choose from {', '.join(MODES)}")
     return [(name, load_benchmark(name, config.eval_data_root)) for name in names]
 
 
@@ -321,7 +510,6 @@ def train(config: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     output_dir = Path(config.output_dir)
     mixed_precision = config.mixed_precision
@@ -338,7 +526,11 @@ def train(config: TrainConfig) -> dict:
     )
     enable_fsdp_on_cpu(accelerator)
     set_seed(config.seed, device_specific=True)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     rank, world_size = accelerator.process_index, accelerator.num_processes
+    checkpoint = find_checkpoint(config, output_dir, accelerator.print)
+    state = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint is not None else None
 
     model = build_model(config)
     processor = build_processor(config, model)
@@ -351,19 +543,23 @@ def train(config: TrainConfig) -> dict:
     )  # fmt: skip
     per_epoch = steps_per_epoch(config, stream, world_size)
     total_steps = config.max_steps or per_epoch * config.epochs
-    checkpoint = latest_checkpoint(output_dir) if config.resume == "latest" else (Path(config.resume) if config.resume else None)
-    state = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint is not None else None
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
     )
     schedule_steps = schedule_length(state, total_steps, config, accelerator.print)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, schedule_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)  # together, as FSDP2 requires
+    # the rate is set before each step from the step number (no scheduler object: Accelerate would step one
+    # num_processes times per optimizer step)
+    model, optimizer = accelerator.prepare(model, optimizer)  # together, as FSDP2 requires
+    if accelerator.is_main_process:
+        start_logs(output_dir, checkpoint, state["step"] if state else 0)
+    accelerator.wait_for_everyone()
     if report_to:
         accelerator.init_trackers("flair", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
 
     step, epoch, step_in_epoch = 0, 0, 0
+    stats_base = dict.fromkeys(stream.stats.FIELDS, 0)
     if checkpoint is not None:
+        stats_base.update(state.get("data_stats_at_epoch_start", {}))
         accelerator.load_state(str(checkpoint))
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         accelerator.print(f"resumed from {checkpoint} at step {step} (epoch {epoch}, batch {step_in_epoch})")
@@ -372,78 +568,76 @@ def train(config: TrainConfig) -> dict:
 
     initial_eval_loss = evaluate_loss(model, config, accelerator.device) if config.eval_batch else None
     losses_path = output_dir / "losses.jsonl"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:
-            for stale in (losses_path, output_dir / "eval.jsonl"):
-                stale.unlink(missing_ok=True)
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="training")
     unwrapped = accelerator.unwrap_model(model)
     model.train()
-    eval_metrics, last_eval_step = {}, None
-    while step < total_steps:
-        stream.set_epoch(epoch)
-        batches = iter(loader)
-        for _ in range(step_in_epoch * config.gradient_accumulation_steps):
-            next(batches)  # same data order as an uninterrupted run
-        wait_start = time.perf_counter()
-        batches_seen = 0
-        for batch in batches:
-            batches_seen += 1
-            data_wait = time.perf_counter() - wait_start
-            step_start = time.perf_counter()
-            with accelerator.accumulate(model):
-                output = model(
-                    input_ids=batch["input_ids"].to(accelerator.device), pixel_values=batch["pixel_values"].to(accelerator.device),
-                    return_loss=True, captions_per_image=config.captions_per_image, add_mps_loss=config.add_mps_loss,
-                )  # fmt: skip
-                accelerator.backward(output.loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                wait_start = time.perf_counter()
-                continue
-            with torch.no_grad():
-                unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            step, step_in_epoch = step + 1, step_in_epoch + 1
-            loss = accelerator.reduce(output.loss.detach(), reduction="mean").item()
-            samples_per_second = config.batch_size / max(time.perf_counter() - step_start + data_wait, 1e-9)
-            metrics = {
-                "loss": loss, "lr": scheduler.get_last_lr()[0],
-                "logit_scale": unwrapped.logit_scale.detach().float().exp().mean().item(),
-                "logit_bias": unwrapped.logit_bias.detach().float().mean().item(),
-                "samples_per_second": samples_per_second * world_size, "samples_per_second_per_device": samples_per_second,
-                "data_wait_seconds": data_wait,
-                "corrupt_samples": stream.stats.corrupt_samples, "corrupt_shards": stream.stats.corrupt_shards,
-            }  # fmt: skip
-            if accelerator.is_main_process:
-                with losses_path.open("a") as handle:
-                    handle.write(json.dumps({"step": step, **metrics}) + "\n")
-            if report_to and step % config.log_every == 0:
-                accelerator.log(metrics, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
-            if eval_benchmarks and config.eval_every_steps and step % config.eval_every_steps == 0:
-                eval_metrics = evaluate_during_training(accelerator, model, processor, eval_benchmarks, config, step, output_dir)
-                last_eval_step = step
-            if step % config.checkpoint_every == 0 or step == total_steps:
-                directory = output_dir / "checkpoints" / f"step_{step}"
-                accelerator.save_state(str(directory))
-                if accelerator.is_main_process:
-                    trainer_state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "schedule_steps": schedule_steps}
-                    (directory / "trainer_state.json").write_text(json.dumps(trainer_state))
-                accelerator.wait_for_everyone()
-            if step >= total_steps or step_in_epoch >= per_epoch:
-                break
+    eval_metrics, last_eval_step, data_stats = {}, None, dict(stats_base)
+    with tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="training") as progress:
+        while step < total_steps:
+            stats_at_epoch_start = dict(data_stats)
+            stream.set_epoch(epoch)
+            batches = iter(loader)
+            for _ in range(step_in_epoch * config.gradient_accumulation_steps):
+                next(batches)  # same data order as an uninterrupted run
             wait_start = time.perf_counter()
-        if batches_seen == 0 and step_in_epoch == 0:
-            raise SystemExit(
-                f"rank {rank} got no full batch of {config.batch_size} in epoch {epoch}: its shards hold fewer samples; "
-                "use more, smaller shards (prepare_data.py --samples-per-shard), fewer processes or workers, or a smaller --batch-size"
-            )
-        epoch, step_in_epoch = epoch + 1, 0
-    progress.close()
+            batches_seen = 0
+            for batch in batches:
+                batches_seen += 1
+                data_wait = time.perf_counter() - wait_start
+                step_start = time.perf_counter()
+                lr = learning_rate(step, config.lr, config.warmup_steps, schedule_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with accelerator.accumulate(model):
+                    output = model(
+                        input_ids=batch["input_ids"].to(accelerator.device), pixel_values=batch["pixel_values"].to(accelerator.device),
+                        return_loss=True, captions_per_image=config.captions_per_image, add_mps_loss=config.add_mps_loss,
+                    )  # fmt: skip
+                    accelerator.backward(output.loss)
+                    if config.grad_clip_norm is not None and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    wait_start = time.perf_counter()
+                    continue
+                with torch.no_grad():
+                    unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                step, step_in_epoch = step + 1, step_in_epoch + 1
+                counts = stream.stats.as_dict()  # this rank's workers, since this process started
+                summed = accelerator.reduce(torch.tensor([output.loss.item(), *counts.values()], dtype=torch.float64, device=accelerator.device), "sum")
+                loss = summed[0].item() / world_size
+                data_stats = {key: stats_base[key] + round(value) for key, value in zip(counts, summed[1:].tolist())}
+                samples_per_second = config.batch_size / max(time.perf_counter() - step_start + data_wait, 1e-9)
+                metrics = {
+                    "loss": loss, "lr": lr,
+                    "logit_scale": unwrapped.logit_scale.detach().float().exp().mean().item(),
+                    "logit_bias": unwrapped.logit_bias.detach().float().mean().item(),
+                    "samples_per_second": samples_per_second * world_size, "samples_per_second_per_device": samples_per_second,
+                    "data_wait_seconds": data_wait, **data_stats,
+                }  # fmt: skip
+                if accelerator.is_main_process:
+                    with losses_path.open("a") as handle:
+                        handle.write(json.dumps({"step": step, **metrics}) + "\n")
+                if report_to and step % config.log_every == 0:
+                    accelerator.log(metrics, step=step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}")
+                if eval_benchmarks and config.eval_every_steps and step % config.eval_every_steps == 0:
+                    eval_metrics = evaluate_during_training(accelerator, model, processor, eval_benchmarks, config, step, output_dir)
+                    last_eval_step = step
+                if step % config.checkpoint_every == 0 or step == total_steps:
+                    trainer_state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "schedule_steps": schedule_steps,
+                                     "data_stats_at_epoch_start": stats_at_epoch_start}  # fmt: skip
+                    save_checkpoint(accelerator, output_dir / "checkpoints" / f"step_{step}", trainer_state)
+                if step >= total_steps or step_in_epoch >= per_epoch:
+                    break
+                wait_start = time.perf_counter()
+            if batches_seen == 0 and step_in_epoch == 0:
+                raise SystemExit(
+                    f"rank {rank} got no full batch of {config.batch_size} in epoch {epoch}: its shards hold fewer samples; "
+                    "use more, smaller shards (prepare_data.py --samples-per-shard), fewer processes or workers, or a smaller --batch-size"
+                )
+            epoch, step_in_epoch = epoch + 1, 0
     if eval_benchmarks and last_eval_step != step:
         eval_metrics = evaluate_during_training(accelerator, model, processor, eval_benchmarks, config, step, output_dir)
 
@@ -471,7 +665,11 @@ def train(config: TrainConfig) -> dict:
 
 
 def main(argv=None):
-    train(load_config(argv))
+    config = load_config(argv)
+    try:
+        train(config)
+    except DataError as error:  # raised in a DataLoader worker, it arrives wrapped with the worker's traceback
+        raise ConfigError(str(error).rstrip().splitlines()[-1].removeprefix("data.DataError: ")) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""The paper's training recipe as the original code runs it (AdamW groups, learning-rate schedule, from-scratch
+initialisation) and the trainer's typed, validated configuration."""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "training"))
+import convert_flair_to_hf as converter  # noqa: E402
+import train  # noqa: E402
+
+TINY = str(ROOT / "training" / "configs" / "tiny_cpu.yaml")
+
+
+def original_exempt(name: str, ndim: int) -> bool:
+    """The original's no-weight-decay predicate (ExplainableML/flair src/main.py), on the original parameter names."""
+    return ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def test_weight_decay_groups_equal_the_originals():
+    model = train.build_model(train.load_config(["--config", TINY]))
+    decay, no_decay = train.parameter_groups(model, 0.5)
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    shapes = converter.original_shapes(model.config)  # the original's names (fused q/k/v): compare element counts
+    assert sum(p.numel() for p in model.parameters()) == sum(math.prod(s) for s in shapes.values())
+    assert sum(p.numel() for p in decay["params"]) == sum(math.prod(s) for n, s in shapes.items() if not original_exempt(n, len(s)))
+    assert sum(p.numel() for p in no_decay["params"]) == sum(math.prod(s) for n, s in shapes.items() if original_exempt(n, len(s)))
+    decayed = {id(p) for p in decay["params"]}
+    for name in ("text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
+                 "vision_model.embeddings.position_embedding.weight", "vision_model.embeddings.patch_embedding.weight"):  # fmt: skip
+        assert id(model.get_parameter(name)) in decayed, name
+
+
+def test_learning_rate_is_the_originals_step_by_step():
+    # open_clip's cosine_lr as the original calls it before step s = 0, 1, ... (warmup 3, 8 steps, lr 1e-3)
+    expected = [0.3333, 0.6667, 1.0, 1.0, 0.9045, 0.6545, 0.3455, 0.0955]
+    assert [round(train.learning_rate(s, 1e-3, 3, 8) * 1e3, 4) for s in range(8)] == expected
+    assert train.learning_rate(0, 1e-3, 0, 4) == 1e-3
+
+
+def family_spec(config):
+    """Every parameter family of FlairModel with the original's initial distribution (open_clip + torch defaults):
+    (name pattern, kind, scale): normal std, uniform bound, or a constant."""
+    text, vision, dim = config.text_config.hidden_size, config.vision_config.hidden_size, config.projection_dim
+    text_out = text**-0.5 * (2 * config.text_config.num_hidden_layers) ** -0.5
+    return [
+        (r"logit_scale", "constant", math.log(1 / 0.07)),
+        (r"logit_bias", "constant", -10.0),
+        (r".*layer_?norm.*\.weight|.*layrnorm\.weight", "constant", 1.0),
+        (r".*layer_?norm.*\.bias|.*layrnorm\.bias|.*self_attn\.\w+_proj\.bias|.*pooling\.\w+_proj\.bias", "constant", 0.0),
+        (r"text_model\.embeddings\.token_embedding\.weight", "normal", 0.02),
+        (r"text_model\.embeddings\.position_embedding\.weight", "normal", 0.01),
+        (r"text_model\..*self_attn\.[qkv]_proj\.weight", "normal", text**-0.5),
+        (r"text_model\..*self_attn\.out_proj\.weight", "normal", text_out),
+        (r"text_model\..*mlp\.fc1\.weight", "normal", (2 * text) ** -0.5),
+        (r"text_model\..*mlp\.fc2\.weight", "normal", text_out),
+        (r"text_model\..*mlp\.fc1\.bias", "uniform", text**-0.5),
+        (r"text_model\..*mlp\.fc2\.bias", "uniform", config.text_config.intermediate_size**-0.5),
+        (r"text_projection\.weight", "normal", text**-0.5),
+        (r"vision_model\.embeddings\.(class_embedding|position_embedding\.weight)", "normal", vision**-0.5),
+        (r"vision_model\.embeddings\.patch_embedding\.weight", "uniform", (3 * config.vision_config.patch_size**2) ** -0.5),
+        (r"vision_model\..*self_attn\.[qkv]_proj\.weight", "uniform", math.sqrt(6 / (4 * vision))),
+        (r"vision_model\..*(self_attn\.out_proj\.weight|mlp\.fc1\.(weight|bias))", "uniform", vision**-0.5),
+        (r"vision_model\..*mlp\.fc2\.(weight|bias)", "uniform", config.vision_config.intermediate_size**-0.5),
+        (r"visual_projection\.weight", "normal", vision**-0.5),
+        (r"text_conditioned_pooling\.[qkv]_proj\.weight", "uniform", math.sqrt(6 / (4 * dim))),
+        (r"text_conditioned_pooling\.out_proj\.weight", "uniform", dim**-0.5),
+    ]
+
+
+def test_from_scratch_initialisation_is_the_originals():
+    """ViT-B/16 FLAIR from its config: each tensor's distribution (kind, scale) equals open_clip's as the original
+    builds the model (the vision tower keeps torch's defaults, as open_clip's vision init_parameters is a no-op)."""
+    import re
+
+    from flair_hf import FlairConfig, FlairModel
+
+    torch.manual_seed(0)
+    model = FlairModel(FlairConfig())
+    spec = family_spec(model.config)
+    for name, parameter in model.named_parameters():
+        matches = [(kind, scale) for pattern, kind, scale in spec if re.fullmatch(pattern, name)]
+        assert len(matches) == 1, (name, matches)
+        (kind, scale), values = matches[0], parameter.detach().double().flatten()
+        if kind == "constant":
+            assert torch.all((values - scale).abs() <= 1e-6 * abs(scale)), name  # float32 of the constant
+            continue
+        tolerance = 5 / math.sqrt(2 * values.numel())  # 5 standard errors of a sample standard deviation
+        std, peak = values.std().item(), values.abs().max().item()
+        if kind == "normal":
+            assert abs(std / scale - 1) < tolerance and peak > 2.5 * scale, (name, std, peak, scale)
+        else:  # uniform on [-scale, scale]: std scale / sqrt(3), bounded
+            assert abs(std / (scale / math.sqrt(3)) - 1) < tolerance and 0.95 * scale < peak <= scale, (name, std, peak, scale)
+
+
+def test_options_are_parsed_by_type_from_the_command_line_and_yaml(tmp_path):
+    config = train.load_config(["--config", TINY, "--lr", "1e-4", "--eps", "1e-6", "--weight-decay", "1e-2", "--grad-clip-norm", "1",
+                                "--gradient-checkpointing", "true", "--caption-keys", "raw_caption,longSV_captions"])  # fmt: skip
+    assert (config.lr, config.eps, config.weight_decay, config.grad_clip_norm) == (1e-4, 1e-6, 1e-2, 1.0)
+    assert isinstance(config.grad_clip_norm, float) and config.gradient_checkpointing is True
+    assert config.caption_keys == ["raw_caption", "longSV_captions"]
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nbeta2: 9.8e-1\nbatch_size: 16\nmax_steps: null\n")  # YAML 1.1 reads 1e-3 as a string
+    config = train.load_config(["--config", str(tmp_path / "c.yaml")])
+    assert (config.lr, config.beta2, config.batch_size, config.max_steps) == (1e-3, 0.98, 16, None)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
+        (["--captions-per-image", "0"], "error: --captions-per-image must be at least 1, got 0"),
+        (["--max-steps", "0"], "error: --max-steps must be at least 1, got 0"),
+        (["--lr=-1e-4"], "error: --lr must be at least 0, got -0.0001"),
+        (["--lr", "fast"], "error: --lr 'fast' is not a float"),
+        (["--batch-size", "2.5"], "error: --batch-size 2.5 is not a int"),
+        (["--mixed-precision", "fp8"], "error: --mixed-precision 'fp8': choose from auto, no, bf16, fp16"),
+        (["--model-config", "{text_config: {hiden_size: 32}}"], "error: unknown key 'hiden_size' in model_config.text_config (did you mean hidden_size?)"),
+        (["--model-config", "{projection: 8}"], "error: unknown key 'projection' in model_config (did you mean projection_dim?)"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args, message):
+    with pytest.raises(SystemExit) as error:
+        train.load_config(["--config", TINY, *args])
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
