@@ -36,24 +36,27 @@ def build_models(implementation: str, device: str, dtype: torch.dtype, model_con
     return models
 
 
-def peak_memory_mib(device: str) -> float:
+def peak_memory_mib(device: str, baseline: int = 0) -> float:
+    """CUDA: peak allocated bytes above `baseline` (what was resident before the call); CPU: the process's peak RSS."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark on CPU
 
 
 def measure_pair(calls: dict, batch: int, iterations: int, device: str) -> dict:
-    """Median items/s of each call over `iterations` interleaved rounds (after a warm-up), and its peak memory."""
+    """Median items/s of each call over `iterations` interleaved rounds (after a warm-up), and its peak memory (on
+    CUDA net of the weights and inputs already resident, so each model's figure is its own working memory)."""
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = {name: [] for name in calls}
     peaks = {}
     with torch.inference_mode():
         for name, call in calls.items():
+            baseline = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             call()
             synchronize()
-            peaks[name] = peak_memory_mib(device)
+            peaks[name] = peak_memory_mib(device, baseline)
         for _ in range(iterations):
             for name, call in calls.items():
                 start = time.perf_counter()

@@ -1,7 +1,13 @@
 """FLAIR on a GPU in one command: correctness, towers, all-pairs scoring, training step, end-to-end evaluation.
 
-    python benchmarks/gpu_suite.py --output benchmarks/results/gpu-h100.json
+    python -u benchmarks/gpu_suite.py --sections correctness,towers,scoring,training --output gpu-suite-1.json
+    python -u benchmarks/gpu_suite.py --sections evaluation,segmentation --output gpu-suite-2.json
     python benchmarks/gpu_suite.py --device cpu --scale tiny --output /tmp/gpu-suite-dry-run.json   # dry run
+
+On a lent device machine, `benchmarks/device_run.sh 1` and `2` run the two halves (README, "GPU suite").
+Each section runs on its own (an exception or its time limit is recorded with its traceback and the next section
+runs); the JSON is rewritten and the section's markdown printed after every section, so a run killed midway keeps
+what finished. `--output` defaults to `$OUT/gpu-suite.json` when `OUT` is set.
 
 1. Correctness: the full-size ViT-B/16 FLAIR (weights by the manifest recipe, written as an original `.pt` and
    converted) in fp32 on the device against the CPU reference of the original code (1e-4, TF32 off); bf16 and fp16,
@@ -26,11 +32,13 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +82,10 @@ HALF_TOLERANCE = {"bfloat16": 3e-2, "float16": 5e-3}
 FP32_TOLERANCE = 1e-4
 # dense bf16 datasheet peaks (TFLOP/s, SXM parts), for the fraction beside the measured matmul peak
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+CHILD_TIMEOUT = 240  # seconds for each child process (pytest, accelerate launch)
+# resumed vs uninterrupted losses: the first resumed step recomputes a saved state (forward only); later steps may
+# differ by non-deterministic GPU backward kernels (atomics), hence a looser bound for them
+RESUME_FIRST_STEP_RTOL, RESUME_RTOL = 1e-5, 2e-2
 
 
 def synchronize(device: str) -> None:
@@ -84,6 +96,15 @@ def synchronize(device: str) -> None:
 def reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+
+
+def run_child(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """A child process with a time limit; a timeout comes back as return code 124 with what it printed."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT, **kwargs)
+    except subprocess.TimeoutExpired as error:
+        output = [text.decode(errors="replace") if isinstance(text, bytes) else text or "" for text in (error.stdout, error.stderr)]
+        return subprocess.CompletedProcess(command, 124, output[0], output[1] + f"\ntimed out after {CHILD_TIMEOUT} s")
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -182,8 +203,7 @@ def correctness(args, scale: dict, model_dir: Path, reference: dict) -> dict:
             "flash_attention_2": "ran" if not flash_reason else f"not run: {flash_reason}",
         }  # fmt: skip
     if not args.skip_pytest:
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_gpu.py")], cwd=ROOT,
-                             capture_output=True, text=True)  # fmt: skip
+        run = run_child([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_gpu.py")], cwd=ROOT)
         result["pytest_test_gpu"] = {"returncode": run.returncode, "summary": run.stdout.strip().splitlines()[-1:]}
     return result
 
@@ -245,13 +265,15 @@ def towers(args, scale: dict, dtype: torch.dtype, peak: float) -> list[dict]:
 
 
 def timed(device: str, call):
+    """`call()`'s value, seconds and peak CUDA memory above what was resident before it (inputs, weights), MiB."""
+    baseline = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
     reset_peak(device)
     synchronize(device)
     start = time.perf_counter()
     value = call()
     synchronize(device)
     seconds = time.perf_counter() - start
-    memory = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    memory = (torch.cuda.max_memory_allocated() - baseline) / 2**20 if device.startswith("cuda") else None
     return value, seconds, memory
 
 
@@ -308,7 +330,7 @@ def training(args, scale: dict, peak: float, directory: Path) -> dict:
                    "--num_processes", "1", "--main_process_port", str(29700 + len(result)), str(ROOT / "training" / "train.py"),
                    "--config", str(config), "--output-dir", str(output)]  # fmt: skip
         started = time.perf_counter()
-        first = subprocess.run(command, capture_output=True, text=True, env=env)
+        first = run_child(command, env=env)
         entry = {"returncode": first.returncode, "wall_seconds": time.perf_counter() - started}
         if first.returncode != 0:
             entry["stderr_tail"] = first.stderr[-3000:]
@@ -322,15 +344,22 @@ def training(args, scale: dict, peak: float, directory: Path) -> dict:
         middle = f"step_{scale['launch_steps'] // 2}"
         os.symlink(output / "checkpoints" / middle, resumed / "checkpoints" / middle)
         command[command.index(str(output))] = str(resumed)
-        second = subprocess.run(command + ["--resume", "latest"], capture_output=True, text=True, env=env)
+        second = run_child(command + ["--resume", "latest"], env=env)
         entry["resume_returncode"] = second.returncode
         if second.returncode == 0:
             again = [json.loads(line)["loss"] for line in (resumed / "losses.jsonl").read_text().splitlines()]
-            entry["resume_equal_losses"] = again == [r["loss"] for r in losses][scale["launch_steps"] // 2 :]
+            entry.update(resume_comparison(again, [r["loss"] for r in losses][scale["launch_steps"] // 2 :]))
         else:
             entry["stderr_tail"] = second.stderr[-3000:]
         result[launch_config] = entry
     return result
+
+
+def resume_comparison(resumed: list[float], uninterrupted: list[float]) -> dict:
+    """Resumed vs uninterrupted losses of the same steps: relative differences and the stated tolerances."""
+    differences = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(resumed, uninterrupted)]
+    ok = len(resumed) == len(uninterrupted) > 0 and differences[0] <= RESUME_FIRST_STEP_RTOL and max(differences) <= RESUME_RTOL
+    return {"resume_relative_differences": differences, "resume_tolerances": [RESUME_FIRST_STEP_RTOL, RESUME_RTOL], "resume_equal_losses": ok}
 
 
 # 5. end-to-end evaluation -----------------------------------------------------------------------------------------
@@ -362,13 +391,14 @@ def evaluation(args, scale: dict, model_dir: Path, directory: Path) -> list[dict
     rows = []
     for mode in ("flair", "topk", "global"):
         cli = ["--model", str(model_dir), "--benchmark", "coco", "--data-root", str(root), "--mode", mode,
-               "--device", args.device, "--output", str(directory / f"eval-{mode}.json"), "--batch-size", "256"]  # fmt: skip
+               "--device", args.device, "--output", str(directory / f"eval-{mode}.json"), "--batch-size", "256",
+               "--cache-dir", str(directory / "eval-cache")]  # fmt: skip  (modes after the first reuse the features)
         cli += ["--autocast", "bf16"] if args.device.startswith("cuda") else []
         started = time.perf_counter()
         result = evaluate_retrieval.main(cli)[0]
         rows.append({
             "mode": mode, "wall_seconds": time.perf_counter() - started, **result["timings"],
-            "num_images": result["num_images"], "num_texts": result["num_texts"],
+            "num_images": result["num_images"], "num_texts": result["num_texts"], "cached_features": result["timings"]["cached_features"],
             "text_to_image_R@1": result["metrics"]["text_to_image_R@1"],
         })  # fmt: skip
     rows[0]["layout_generation_seconds"] = generated
@@ -408,20 +438,26 @@ def segmentation(args, scale: dict, model_dir: Path, directory: Path) -> dict:
 # report -----------------------------------------------------------------------------------------------------------
 
 
-def markdown(report: dict) -> str:
-    lines = [f"## FLAIR GPU suite: {report['device_name']} ({report['scale']} scale)", ""]
-    if "correctness" in report:
+def markdown(name: str, report: dict) -> list[str]:
+    """The markdown lines of one section of `report`."""
+    lines = []
+    if name == "setup":
+        peak = report["setup"]["measured_matmul_peak"]
+        lines.append(f"- measured {peak['dtype']} matmul peak: {peak['tflops']:.1f} TFLOP/s")
+    elif name == "correctness":
         c = report["correctness"]
         worst = max(v["max_abs"] for v in c["fp32_vs_cpu_reference"].values())
         lines.append(f"- fp32 vs CPU reference: max abs {worst:.2e} (tolerance {FP32_TOLERANCE:g})")
-        for name, v in c["half_precision"].items():
-            lines.append(f"- {name}: max relative error {max(v['relative_error'].values()):.2e} (tolerance {v['tolerance']:g}) "
+        for key, v in c["half_precision"].items():
+            lines.append(f"- {key}: max relative error {max(v['relative_error'].values()):.2e} (tolerance {v['tolerance']:g}) "
                          f"{'pass' if v['pass'] else 'FAIL'}")  # fmt: skip
-        for name, v in c["attention_implementations"].items():
+        for key, v in c["attention_implementations"].items():
             errors = ", ".join(f"{k} {e:.1e}" for k, e in v["relative_error_vs_eager"].items())
-            lines.append(f"- {name} attention vs eager: {errors}; flash_attention_2 {v['flash_attention_2']}")
-    if "towers" in report:
-        lines += ["", "| attention | tower | batch | FLAIR items/s | CLIP items/s | FLAIR/CLIP | FLAIR TFLOP/s | of peak | FLAIR MiB | CLIP MiB |",
+            lines.append(f"- {key} attention vs eager: {errors}; flash_attention_2 {v['flash_attention_2']}")
+        if "pytest_test_gpu" in c:
+            lines.append(f"- pytest tests/test_gpu.py: rc {c['pytest_test_gpu']['returncode']} {' '.join(c['pytest_test_gpu']['summary'])}")
+    elif name == "towers":
+        lines += ["| attention | tower | batch | FLAIR items/s | CLIP items/s | FLAIR/CLIP | FLAIR TFLOP/s | of peak | FLAIR MiB | CLIP MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in report["towers"]:
             lines.append(
@@ -429,41 +465,87 @@ def markdown(report: dict) -> str:
                 f"| {r['flair_over_clip']:.2f} | {r['flair_tflops_per_second']:.1f} | {r['fraction_of_measured_peak']:.2f} "
                 f"| {r['flair']['peak_memory_mib']:.0f} | {r['clip']['peak_memory_mib']:.0f} |"
             )
-    if "scoring" in report:
-        lines += ["", "| images x texts | fast s | fast (chunk 64) s | loop s (scaled) | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
+    elif name == "scoring":
+        lines += ["| images x texts | fast s | fast (chunk 64) s | loop s (scaled) | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
         for r in report["scoring"]:
             lines.append(f"| {r['images']} x {r['texts']} | {r['fast']['seconds']:.2f} | {r['fast_chunk64']['seconds']:.2f} "
                          f"| {r['straightforward_loop']['seconds_scaled']:.1f} | {r['speedup_vs_loop']:.1f} | {r['max_abs_score_difference_on_subset']:.1e} |")  # fmt: skip
-    if "training" in report:
-        lines.append("")
+    elif name == "training":
         for r in report["training"]["single_process"]:
             lines.append(f"- training step, checkpointing {r['gradient_checkpointing']}: {r['samples_per_second']:.1f} samples/s, "
                          f"{r['tflops_per_second']:.1f} TFLOP/s ({r['fraction_of_measured_peak']:.2f} of peak), {r['peak_memory_mib']:.0f} MiB")  # fmt: skip
-        for name in ("ddp.yaml", "fsdp2.yaml"):
-            r = report["training"][name]
-            lines.append(f"- {name}, 1 process: rc {r['returncode']}, {r.get('samples_per_second_per_device', float('nan')):.1f} samples/s, "
-                         f"resume equal losses: {r.get('resume_equal_losses')}")  # fmt: skip
-    if "segmentation" in report:
-        r = report["segmentation"]
-        lines += ["", f"- segmentation CLI (voc20 settings): {r['images']} images of {r['image_size'][0]}x{r['image_size'][1]} in "
-                      f"{r['evaluate_seconds']:.1f} s ({r['images_per_second']:.1f} images/s)"]  # fmt: skip
-    if "evaluation" in report:
-        lines.append("")
+        for launch in ("ddp.yaml", "fsdp2.yaml"):
+            r = report["training"][launch]
+            worst = max(r.get("resume_relative_differences") or [float("nan")])
+            lines.append(f"- {launch}, 1 process: rc {r['returncode']}, {r.get('samples_per_second_per_device', float('nan')):.1f} samples/s, "
+                         f"resume within tolerance: {r.get('resume_equal_losses')} (largest relative difference {worst:.1e})")  # fmt: skip
+    elif name == "evaluation":
         for r in report["evaluation"]:
             lines.append(f"- retrieval CLI, {r['mode']}: {r['wall_seconds']:.1f} s (encode {r['encode_seconds']:.1f} s, "
                          f"score {r['score_seconds']:.1f} s) on {r['num_images']} images / {r['num_texts']} texts")  # fmt: skip
-    return "\n".join(lines)
+    elif name == "segmentation":
+        r = report["segmentation"]
+        lines.append(f"- segmentation CLI (voc20 settings): {r['images']} images of {r['image_size'][0]}x{r['image_size'][1]} in "
+                     f"{r['evaluate_seconds']:.1f} s ({r['images_per_second']:.1f} images/s)")  # fmt: skip
+    return lines
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int | None):
+    """Raise `SectionTimeout` in this (main) thread after `seconds` (SIGALRM; no limit when None or 0)."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise SectionTimeout(f"section exceeded its {seconds} s limit")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_section(name: str, call, report: dict, output: Path, limit: int | None, suite_started: float) -> None:
+    """Run one section; record its result or its traceback, rewrite the JSON, print its markdown at once."""
+    started = time.perf_counter()
+    try:
+        with time_limit(limit):
+            report[name] = call()
+        status = {"ok": True}
+    except Exception:  # noqa: BLE001 - one section's failure must not lose the others'
+        status = {"ok": False, "traceback": traceback.format_exc()[-6000:]}
+    report["sections"][name] = {**status, "seconds": round(time.perf_counter() - started, 2)}
+    report["suite_seconds"] = round(time.perf_counter() - suite_started, 2)
+    write_json(report, output)
+    lines = markdown(name, report) if status["ok"] else [f"- {name}: FAILED after {report['sections'][name]['seconds']} s: "
+                                                         f"{status['traceback'].strip().splitlines()[-1]}"]  # fmt: skip
+    print(f"\n### {name} ({report['sections'][name]['seconds']:.1f} s)\n" + "\n".join(lines), flush=True)
+
+
+def default_output() -> str | None:
+    return str(Path(os.environ["OUT"]) / "gpu-suite.json") if os.environ.get("OUT") else None
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="JSON file, e.g. benchmarks/results/gpu-h100.json")
+    parser.add_argument("--output", default=default_output(), help="JSON file (default: $OUT/gpu-suite.json when OUT is set)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full", help="full (ViT-B/16, paper sizes) or tiny (dry run)")
-    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    parser.add_argument("--section-timeout", type=int, default=0, help="seconds per section (0: none); a late section is recorded as failed")
     parser.add_argument("--skip-pytest", action="store_true", help="do not run pytest tests/test_gpu.py")
     args = parser.parse_args(argv)
-    sections = [s.strip() for s in args.sections.split(",")]
+    if args.output is None:
+        parser.error("--output is required when OUT is not set")
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
@@ -473,31 +555,37 @@ def main(argv=None) -> dict:
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
-    report = {"device_name": device_name, "device": args.device, "scale": args.scale, "torch": torch.__version__}
-    started = time.perf_counter()
+    import transformers
+
+    report = {"device_name": device_name, "device": args.device, "scale": args.scale, "torch": torch.__version__,
+              "transformers": transformers.__version__, "sections": {}}  # fmt: skip
+    suite_started = time.perf_counter()
+    output = Path(args.output)
+    print(f"## FLAIR GPU suite: {device_name} ({args.scale} scale; torch {torch.__version__}, transformers {transformers.__version__})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        model_dir, reference = converted_model("full" if scale["model"] == "vit-b-16" else "tiny", directory)
-        peak = matmul_peak_tflops(args.device, scale["matmul"], dtype)
-        report["measured_matmul_peak_tflops"] = {"dtype": str(dtype).removeprefix("torch."), "tflops": peak}
-        datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device_name), None)
-        report["datasheet_bf16_dense_tflops"] = datasheet
-        if "correctness" in sections:
-            report["correctness"] = correctness(args, scale, model_dir, reference)
-        if "towers" in sections:
-            report["towers"] = towers(args, scale, dtype, peak)
-        if "scoring" in sections:
-            report["scoring"] = scoring(args, scale, dtype if cuda else None)
-        if "training" in sections:
-            report["training"] = training(args, scale, peak, directory)
-        if "evaluation" in sections:
-            report["evaluation"] = evaluation(args, scale, model_dir, directory)
-        if "segmentation" in sections:
-            report["segmentation"] = segmentation(args, scale, model_dir, directory)
-    report["suite_seconds"] = time.perf_counter() - started
-    print(markdown(report))
-    write_json(report, args.output)
-    print(f"wrote {args.output}")
+        setup = {}
+
+        def prepare():
+            setup["model_dir"], setup["reference"] = converted_model("full" if scale["model"] == "vit-b-16" else "tiny", directory)
+            setup["peak"] = matmul_peak_tflops(args.device, scale["matmul"], dtype)
+            datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device_name), None)
+            return {"measured_matmul_peak": {"dtype": str(dtype).removeprefix("torch."), "tflops": setup["peak"]},
+                    "datasheet_bf16_dense_tflops": datasheet}  # fmt: skip
+
+        calls = {
+            "correctness": lambda: correctness(args, scale, setup["model_dir"], setup["reference"]),
+            "towers": lambda: towers(args, scale, dtype, setup["peak"]),
+            "scoring": lambda: scoring(args, scale, dtype if cuda else None),
+            "training": lambda: training(args, scale, setup["peak"], directory),
+            "evaluation": lambda: evaluation(args, scale, setup["model_dir"], directory),
+            "segmentation": lambda: segmentation(args, scale, setup["model_dir"], directory),
+        }
+        run_section("setup", prepare, report, output, args.section_timeout, suite_started)
+        for name in sections:
+            if report["sections"]["setup"]["ok"]:
+                run_section(name, calls[name], report, output, args.section_timeout, suite_started)
+    print(f"wrote {output}", flush=True)
     return report
 
 

@@ -51,3 +51,38 @@ def test_minus_infinity_ranks_last(metric):
     scores = [[float("-inf"), 0.1], [0.2, float("-inf")]]
     result = metric.compute(predictions=scores, references=[0, 1], k_values=[1])
     assert result["text_to_image_R@1"] == 0.0 and result["text_to_image_mean_rank"] == 2.0
+
+
+def argsort_reference(scores, text_to_image, k_values):
+    """The protocol by full stable argsorts (numpy), as the original ranks: independent of the counting implementation."""
+    import numpy as np
+
+    def ranks(matrix):
+        order = np.argsort(-matrix, axis=1, kind="stable")
+        out = np.empty_like(order)
+        np.put_along_axis(out, order, np.arange(matrix.shape[1])[None].repeat(matrix.shape[0], 0), axis=1)
+        return out
+
+    t2i = ranks(scores)[np.arange(len(text_to_image)), text_to_image]
+    by_caption = ranks(scores.T)
+    i2t = np.array([by_caption[b, text_to_image == b].min() for b in np.unique(text_to_image)])
+    result = {}
+    for name, r in (("text_to_image", t2i), ("image_to_text", i2t)):
+        result.update({f"{name}_R@{k}": round(float(100.0 * np.mean(r < k)), 4) for k in k_values})
+        result.update({f"{name}_mean_rank": float(np.mean(r + 1)), f"{name}_median_rank": float(np.floor(np.median(r)) + 1)})
+    return {**result, "num_texts": scores.shape[0], "num_images": scores.shape[1]}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_counted_ranks_equal_a_stable_argsort_with_many_ties(seed):
+    import numpy as np
+    import torch
+
+    from flair_hf.evaluation import retrieval_metrics
+
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 5, (300, 40)).astype(np.float32)  # small integers: many ties
+    text_to_image = rng.integers(0, 37, 300)  # some images have no caption
+    expected = argsort_reference(scores, text_to_image, (1, 5, 10))
+    assert retrieval_metrics(torch.from_numpy(scores), text_to_image) == expected
+    assert retrieval_metrics(scores, torch.from_numpy(text_to_image)) == expected

@@ -37,28 +37,38 @@ PAPER_R1 = {
 PAPER_SET_SIZES = {"coco": (5000, 25014), "flickr30k": (1014, 5070)}
 
 
-def stable_ranks(scores: np.ndarray) -> np.ndarray:
-    """0-based rank of every column within each row, descending, ties broken by column index."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(scores.shape[1])[None, :].repeat(scores.shape[0], 0), axis=1)
-    return ranks
+def stable_rank_of(scores: torch.Tensor, columns: torch.Tensor, row_block: int = 2048) -> torch.Tensor:
+    """0-based rank of `scores[r, columns[r]]` within row r, descending, ties broken by column index (a stable sort's
+    order), counted on the scores' device in blocks of rows."""
+    index = torch.arange(scores.shape[1], device=scores.device)
+    ranks = []
+    for start in range(0, scores.shape[0], row_block):
+        rows, own = scores[start : start + row_block], columns[start : start + row_block, None]
+        target = rows.gather(1, own)
+        ranks.append(((rows > target) | ((rows == target) & (index < own))).sum(1))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=scores.device)
 
 
-def retrieval_metrics(scores: np.ndarray, text_to_image: np.ndarray, k_values=(1, 5, 10)) -> dict:
-    """Recall@K and ranks with the original protocol; `scores` `(T, B)` caption-by-image, `text_to_image` `(T,)`.
+def retrieval_metrics(scores, text_to_image, k_values=(1, 5, 10)) -> dict:
+    """Recall@K and ranks with the original protocol; `scores` `(T, B)` caption-by-image (tensor on any device, or
+    array), `text_to_image` `(T,)`.
 
     text->image: the rank of the caption's own image; image->text: for every image that has captions, the best rank
-    among its captions. R@K in percent (0-based rank < K); mean and median ranks 1-based.
+    among its captions (that of its highest-scoring caption, the first among equals). R@K in percent (0-based rank
+    < K); mean and median ranks 1-based.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    text_to_image = np.asarray(text_to_image, dtype=np.int64)
-    t2i = stable_ranks(scores)[np.arange(len(text_to_image)), text_to_image]
-    caption_ranks = stable_ranks(scores.T)  # (B, T)
-    images = np.unique(text_to_image)
-    i2t = np.array([caption_ranks[b, text_to_image == b].min() for b in images])
+    scores = torch.as_tensor(scores)
+    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=scores.device)
+    t2i = stable_rank_of(scores, text_to_image)
+    images = torch.unique(text_to_image)
+    by_image = scores.t()[images]  # (images with captions, T)
+    own = text_to_image[None, :] == images[:, None]
+    best = by_image.masked_fill(~own, float("-inf")).amax(1, keepdim=True)
+    first_best = (own & (by_image == best)).int().argmax(1)  # the first own caption with the best score
+    i2t = stable_rank_of(by_image, first_best)
     result = {}
     for name, ranks in (("text_to_image", t2i), ("image_to_text", i2t)):
+        ranks = ranks.cpu().numpy()
         for k in k_values:  # percentages to 4 decimals: 58.0, not 57.99999999999999
             result[f"{name}_R@{k}"] = round(float(100.0 * np.mean(ranks < k)), 4)
         result[f"{name}_mean_rank"] = float(np.mean(ranks + 1))
@@ -233,7 +243,7 @@ def evaluate_retrieval(
             timings["score_seconds"] = time.perf_counter() - start
     finally:
         model.train(was_training)
-    metrics = retrieval_metrics(scores.t().numpy(), text_to_image)
+    metrics = retrieval_metrics(scores.to(device).t(), text_to_image)  # ranks counted on the device
     return {"metrics": metrics, "num_images": len(dataset), "num_texts": len(captions), "timings": timings}
 
 

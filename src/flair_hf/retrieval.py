@@ -71,7 +71,7 @@ def flair_scores(
     from `output_norm_factors` (about half the multiply-adds).
     """
     device = torch.device(device) if device is not None else pooling.q_proj.weight.device
-    scores = torch.empty(image_token_embeds.shape[0], text_embeds.shape[0])
+    scores = torch.empty(image_token_embeds.shape[0], text_embeds.shape[0], device=device)  # copied to the CPU once
     columns, bias_norm = output_norm_factors(pooling)
     columns, bias_norm = [column.to(device) for column in columns], bias_norm.to(device)
     with _autocast(device, autocast_dtype):
@@ -87,8 +87,8 @@ def flair_scores(
                 squared = _squared_output_norms(attention.flatten(0, 1), columns, bias_norm).view(attention.shape[:2])
                 dots = attention.float().mul_(projected_texts[t : t + text_chunk_size]).sum(-1)  # in place: a temporary
                 block = (dots + text_bias[t : t + text_chunk_size]) / squared.clamp_min(0).sqrt().clamp_min(1e-12)
-                scores[start : start + keys.shape[0], t : t + text_chunk_size] = block.cpu()
-    return scores
+                scores[start : start + keys.shape[0], t : t + text_chunk_size] = block
+    return scores.cpu()
 
 
 def as_multihead_attention(pooling) -> nn.MultiheadAttention:
