@@ -126,3 +126,39 @@ def test_bad_options_are_one_line_errors(args, message):
     with pytest.raises(SystemExit) as error:
         train.load_config(["--config", TINY, *args])
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--max-steps", "null", "--grad-clip-norm", "none"], {"max_steps": None, "grad_clip_norm": None}),
+        (["--caption-keys", "[raw_caption, longSV_captions]"], {"caption_keys": ["raw_caption", "longSV_captions"]}),
+        (["--tf32", "0", "--add-mps-loss", "yes"], {"tf32": False, "add_mps_loss": True}),
+    ],
+)
+def test_null_lists_and_booleans(args, expected):
+    config = train.load_config(["--config", TINY, *args])
+    assert {name: getattr(config, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "[1"], "error: --batch-size '[1' is not valid YAML (int expected)"),
+        (["--grad-clip-norm", "0"], "error: --grad-clip-norm must be positive, got 0.0"),
+        (["--lr", "nan"], "error: --lr must be a finite number, got nan"),
+        (["--model-config", "{projection_dim: 30, pooling_num_attention_heads: 8}"], "error: model_config: projection_dim (30) is not a multiple"),
+    ],
+)
+def test_more_bad_options_are_one_line_errors(args, message):
+    with pytest.raises(SystemExit) as error:
+        train.load_config(["--config", TINY, *args])
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_resumed_logs_keep_each_step_once_and_drop_a_torn_line(tmp_path):
+    (tmp_path / "checkpoints" / "step_4").mkdir(parents=True)
+    (tmp_path / "losses.jsonl").write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in range(1, 6)) + '{"step": 6, "lo')
+    train.start_logs(tmp_path, tmp_path / "checkpoints" / "step_2", 2)
+    assert (tmp_path / "losses.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0}\n'
+    assert not (tmp_path / "checkpoints" / "step_4").exists()  # an abandoned continuation

@@ -69,7 +69,7 @@ def parse_sources(spec: str, weights: str | None = None) -> list[tuple[list[str]
     sources = [expand_braces(part) for part in spec.split("::")]
     values = [1.0] * len(sources) if weights is None else [float(w) for w in str(weights).split("::")]
     if len(values) != len(sources):
-        raise ValueError(f"{len(sources)} sources but {len(values)} weights: {spec!r} / {weights!r}")
+        raise DataError(f"{len(sources)} sources but {len(values)} weights: {spec!r} / {weights!r}")
     return list(zip(sources, values))
 
 
@@ -183,7 +183,7 @@ class FlairTrainingStream(IterableDataset):
     def _shard_order(self):
         shards, rng = self._my_shards(), self._rng(1)
         if not shards:
-            raise ValueError(f"rank {self.rank} worker {self._worker()[0]} has no shards: use fewer ranks/workers or more shards")
+            raise DataError(f"rank {self.rank} worker {self._worker()[0]} has no shards: use fewer ranks/workers or more shards")
         if self.resampled:
             names, weights = zip(*shards)
             while True:

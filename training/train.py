@@ -112,19 +112,26 @@ def _type_name(kind) -> str:
 def coerce(name: str, kind, value):
     """`value` (from YAML or the command line) as the field's type: `1e-4` is a float, "true" a bool, "a,b" a list."""
     option = f"--{name.replace('_', '-')}"
+    optional = type(None) in typing.get_args(kind)
+    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and optional:
+        value = None
     if value is None:
-        if type(None) in typing.get_args(kind):
+        if optional:
             return None
         raise ConfigError(f"{option} needs a value ({_type_name(kind)})")
     base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+    if base in (int, list, dict) and isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{option} {value!r} is not valid YAML ({_type_name(kind)} expected)") from None
+        value = parsed if base is not list or isinstance(parsed, list) else value
     if base is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        if isinstance(value, bool):
-            return value
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
     elif base is int:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -133,7 +140,7 @@ def coerce(name: str, kind, value):
         try:
             if not isinstance(value, bool):
                 return float(value)
-        except ValueError:
+        except (TypeError, ValueError):
             pass
     elif base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -144,8 +151,6 @@ def coerce(name: str, kind, value):
         if isinstance(value, (list, tuple)):
             return list(value)
     elif base is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
         if isinstance(value, dict):
             return value
     raise ConfigError(f"{option} {value!r} is not a {_type_name(kind)}")
@@ -191,14 +196,22 @@ def validate(config: TrainConfig) -> TrainConfig:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(config, name) < 1:
             raise ConfigError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
-    if config.eps <= 0:
-        raise ConfigError(f"--eps must be positive, got {config.eps}")
+    for name in ("eps", "grad_clip_norm", "image_size"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not math.isfinite(config.lr):
+        raise ConfigError(f"--lr must be a finite number, got {config.lr}")
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)!r}: choose from {', '.join(choices)}")
     if config.model is not None and config.model_config:
         raise ConfigError("give --model (a checkpoint to start from) or --model-config (a model from scratch), not both")
     check_model_config(config.model_config)
+    try:
+        FlairConfig(**config.model_config)
+    except Exception as error:  # noqa: BLE001 - huggingface_hub wraps the config's own ValueError
+        raise ConfigError(f"model_config: {str(error.__cause__ or error).splitlines()[0]}") from None
     return config
 
 
@@ -218,7 +231,10 @@ def load_config(argv=None) -> TrainConfig:
     if config_file:
         if not Path(config_file).is_file():
             raise ConfigError(f"--config {config_file}: no such file")
-        values = yaml.safe_load(Path(config_file).read_text()) or {}
+        try:
+            values = yaml.safe_load(Path(config_file).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--config {config_file} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"--config {config_file} must hold a mapping of option: value")
     fields = {item.name: item for item in dataclasses.fields(TrainConfig)}
@@ -237,7 +253,7 @@ def check_trackers(report_to: str | None) -> None:
     wanted = {"tensorboard", "wandb"} if report_to == "all" else {report_to} - {None}
     missing = [name for name in sorted(wanted) if importlib.util.find_spec(name) is None]
     if missing:
-        raise SystemExit(
+        raise ConfigError(
             f"--report-to {report_to} needs {', '.join(missing)} (pip install -e '.[train]' for TensorBoard); "
             "or pass --report-to none"
         )
@@ -335,17 +351,18 @@ def build_stream(config: TrainConfig, rank: int, world_size: int, image_size: in
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[config.dataset_split]
         return FlairTrainingStream(dataset=dataset, image_column=config.image_column, caption_column=config.caption_column, **common)
-    raise SystemExit("give --train-data (webdataset shards) or --dataset-name (a datasets dataset)")
+    raise ConfigError("give --train-data (webdataset shards) or --dataset-name (a datasets dataset)")
 
 
 def steps_per_epoch(config: TrainConfig, stream: FlairTrainingStream, world_size: int) -> int:
     samples = config.train_num_samples or (len(stream.dataset) if stream.dataset is not None else None)
     if samples is None:
-        raise SystemExit("--train-num-samples is needed with webdataset shards (samples per epoch)")
+        raise ConfigError("--train-num-samples is needed with webdataset shards (samples per epoch)")
     return max(1, samples // (config.batch_size * world_size * config.gradient_accumulation_steps))
 
 
 RUN_FILES = ("checkpoints", "losses.jsonl", "eval.jsonl", "summary.json", "logs", "final")
+STEP_LOGS = ("losses.jsonl", "eval.jsonl")  # one JSON record per line, each with its "step"
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -360,18 +377,21 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def find_checkpoint(config: TrainConfig, output_dir: Path, print_fn) -> Path | None:
     """The checkpoint `--resume` names; a new run must not silently overwrite an old one."""
-    if config.resume is None:
-        existing = [name for name in RUN_FILES if (output_dir / name).exists()]
+    checkpoint = latest_checkpoint(output_dir) if config.resume == "latest" else None
+    if checkpoint is None and config.resume in (None, "latest"):
+        # a run killed before its first checkpoint leaves only its step logs, which --resume latest may replace
+        ignored = STEP_LOGS + ("logs",) if config.resume == "latest" else ()
+        existing = [name for name in RUN_FILES if (output_dir / name).exists() and name not in ignored]
         if existing and not config.overwrite:
             raise ConfigError(
                 f"{output_dir} already holds a run ({', '.join(existing)}): pass --resume latest to continue it, "
                 "--overwrite true to start over, or another --output-dir"
             )
-        return None
     if config.resume == "latest":
-        checkpoint = latest_checkpoint(output_dir)
         print_fn(f"resuming from {checkpoint}, the newest complete checkpoint" if checkpoint else f"no checkpoint in {output_dir}: new run")
         return checkpoint
+    if config.resume is None:
+        return None
     checkpoint = Path(config.resume)
     if not checkpoint.is_dir():
         raise ConfigError(f"--resume {config.resume}: no such checkpoint directory (or pass --resume latest)")
@@ -389,12 +409,26 @@ def start_logs(output_dir: Path, checkpoint: Path | None, step: int) -> None:
             path = output_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         return
-    for path in (output_dir / "losses.jsonl", output_dir / "eval.jsonl"):
+    for name in STEP_LOGS:
+        path = output_dir / name
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            kept = [line for line in path.read_text().splitlines() if (logged := logged_step(line)) is not None and logged <= step]
             partial = path.with_name(path.name + ".partial")
             partial.write_text("".join(line + "\n" for line in kept))
             partial.replace(path)
+    newer = [path for path in (output_dir / "checkpoints").glob("step_*") if path.name.removeprefix("step_").isdigit()
+             and int(path.name.removeprefix("step_")) > step]  # fmt: skip
+    for path in newer:  # an abandoned continuation: --resume latest must not pick it later
+        print(f"removing {path}: newer than the resumed checkpoint (step {step})")
+        shutil.rmtree(path)
+
+
+def logged_step(line: str) -> int | None:
+    """The step of a JSON-lines record; None for a line torn by a killed write."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def save_checkpoint(accelerator, directory: Path, trainer_state: dict) -> None:
@@ -455,9 +489,9 @@ def load_eval_benchmarks(config: TrainConfig) -> list:
         return []
     unknown = [name for name in names if name not in LAYOUTS]
     if unknown:
-        raise SystemExit(f"unknown --eval-benchmarks {', '.join(unknown)}: choose from {', '.join(LAYOUTS)}")
+        raise ConfigError(f"unknown --eval-benchmarks {', '.join(unknown)}: choose from {', '.join(LAYOUTS)}")
     if not config.eval_data_root:
-        raise SystemExit("--eval-benchmarks needs --eval-data-root (the benchmarks' original layouts)")
+        raise ConfigError("--eval-benchmarks needs --eval-data-root (the benchmarks' original layouts)")
     return [(name, load_benchmark(name, config.eval_data_root)) for name in names]
 
 
@@ -498,7 +532,7 @@ def schedule_length(checkpoint_state: dict | None, total_steps: int, config: Tra
         print_fn(f"warning: LR schedule rebuilt for {total_steps} steps (was {saved}); the LR changes abruptly at step {step}")
         return total_steps
     if total_steps > saved:
-        raise SystemExit(
+        raise ConfigError(
             f"the checkpoint's LR schedule ends at step {saved} but --max-steps / --epochs now give {total_steps} steps: "
             "pass --reset-schedule true to rebuild the schedule (the LR jumps at the resumed step), or keep the old length"
         )
@@ -570,7 +604,7 @@ def train(config: TrainConfig) -> dict:
     losses_path = output_dir / "losses.jsonl"
     unwrapped = accelerator.unwrap_model(model)
     model.train()
-    eval_metrics, last_eval_step, data_stats = {}, None, dict(stats_base)
+    eval_metrics, last_eval_step, data_stats = {}, (state or {}).get("last_eval_step"), dict(stats_base)
     with tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="training") as progress:
         while step < total_steps:
             stats_at_epoch_start = dict(data_stats)
@@ -626,14 +660,18 @@ def train(config: TrainConfig) -> dict:
                     eval_metrics = evaluate_during_training(accelerator, model, processor, eval_benchmarks, config, step, output_dir)
                     last_eval_step = step
                 if step % config.checkpoint_every == 0 or step == total_steps:
-                    trainer_state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "schedule_steps": schedule_steps,
-                                     "data_stats_at_epoch_start": stats_at_epoch_start}  # fmt: skip
+                    epoch_done = step_in_epoch >= per_epoch  # a resume then starts the next epoch, as this run does
+                    trainer_state = {
+                        "step": step, "epoch": epoch + epoch_done, "step_in_epoch": 0 if epoch_done else step_in_epoch,
+                        "schedule_steps": schedule_steps, "last_eval_step": last_eval_step,
+                        "data_stats_at_epoch_start": data_stats if epoch_done else stats_at_epoch_start,
+                    }  # fmt: skip
                     save_checkpoint(accelerator, output_dir / "checkpoints" / f"step_{step}", trainer_state)
                 if step >= total_steps or step_in_epoch >= per_epoch:
                     break
                 wait_start = time.perf_counter()
             if batches_seen == 0 and step_in_epoch == 0:
-                raise SystemExit(
+                raise ConfigError(
                     f"rank {rank} got no full batch of {config.batch_size} in epoch {epoch}: its shards hold fewer samples; "
                     "use more, smaller shards (prepare_data.py --samples-per-shard), fewer processes or workers, or a smaller --batch-size"
                 )
