@@ -35,7 +35,8 @@ def image_like_python(tmp_path_factory):
     python = str(root / "venv" / "bin" / "python")
     needed = device_kit.requirement_closure("flair-hf", PYTHON_VERSION)
     image = [name for name in needed if name in device_kit.DEVICE_IMAGE and name != "torch"]  # CPU torch instead
-    pins = [f"{name}=={version}" if (version := device_kit.DEVICE_IMAGE[name]) else name for name in image]
+    # the image's version, or the newest before it that this Python has (numpy 2.5 needs Python 3.12)
+    pins = [f"{name}<={version}" if (version := device_kit.DEVICE_IMAGE[name]) else name for name in image]
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     for packages in (["torch==2.13.0"], [*pins, "pytest"]):
         result = subprocess.run(pip + packages, capture_output=True, text=True, timeout=600)
