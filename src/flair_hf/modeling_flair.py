@@ -183,7 +183,8 @@ class FlairAttention(nn.Module):
             attention_mask,
             scaling=self.scale,
             dropout=self.dropout if self.training else 0.0,
-            is_causal=self.is_causal and attention_mask is None,
+            # a 4-D mask already holds the causal part; flash kernels take a 2-D padding mask and the causal flag
+            is_causal=self.is_causal and (attention_mask is None or attention_mask.dim() == 2),
         )
         return self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
 
