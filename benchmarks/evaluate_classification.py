@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from reporting import write_results
+from reporting import published_comparison, write_results
 
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.zero_shot import SCORINGS, evaluate_classification, imagenet_classnames
@@ -101,7 +101,8 @@ def main(argv=None) -> dict:
         lines.append(f"| {args.dataset} | {scoring} | {result['num_images']} | {result['num_classes']} | {accuracy['top1']:.1f} | {top5} |")
     table = "\n".join(lines)
     if args.compare_paper:
-        table += "\n\nNo published zero-shot classification figure of a FLAIR release is recorded in this project yet."
+        flair_top1 = result["accuracy"].get("flair", next(iter(result["accuracy"].values())))["top1"]
+        table += "\n\n" + published_comparison(args.model, args.dataset, flair_top1, result["num_images"])
     write_results(result, table, args.output)
     return result
 

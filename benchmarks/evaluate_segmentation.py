@@ -17,16 +17,12 @@ import time
 
 import torch
 
-from reporting import write_results
+from reporting import published_comparison, write_results
 
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.retrieval_data import BenchmarkDataError
 from flair_hf.segmentation import SEGMENTATION_SETS, evaluate_segmentation
 from flair_hf.segmentation_data import SEGMENTATION_LAYOUTS, load_segmentation_benchmark
-
-# Published mIoU (secondary sources, approximate): checkpoint -> benchmark -> mIoU
-PAPER_MIOU = {"flair-merged30m": {"voc20": 73.0}}
-
 
 OBTAINING = """obtaining the data (mmsegmentation's preparation, which these layouts follow):
   VOC2012 from the PASCAL VOC site; PASCAL-Context: VOC2010 images + Context labels via mmseg's
@@ -72,12 +68,12 @@ def settings_for(benchmark: str, args):
     return dataclasses.replace(SEGMENTATION_SETS[benchmark], **overrides)
 
 
-def markdown_table(results: list[dict], paper: dict | None) -> str:
+def markdown_table(results: list[dict], compare_paper: bool) -> str:
     lines = ["| benchmark | method | images | mIoU | pixel acc. |", "|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['benchmark']} | {r['method']} | {r['num_images']} | {r['mIoU']:.1f} | {r['pixel_accuracy']:.1f} |")
-        if paper and r["benchmark"] in paper:
-            lines.append(f"| {r['benchmark']} (paper, approx.) | similarity | | {paper[r['benchmark']]:.1f} | |")
+    if compare_paper:
+        lines += [""] + [published_comparison(r["model"], r["benchmark"], r["mIoU"], r["num_images"]) for r in results]
     return "\n".join(lines)
 
 
@@ -99,8 +95,7 @@ def main(argv=None) -> list[dict]:
             "settings": dataclasses.asdict(settings), "crop": args.crop, "stride": args.stride, "model": str(args.model),
             "dtype": args.dtype, "device": args.device,
         })  # fmt: skip
-    paper = next((v for k, v in PAPER_MIOU.items() if k in str(args.model)), None) if args.compare_paper else None
-    table = markdown_table(results, paper)
+    table = markdown_table(results, args.compare_paper)
     write_results(results, table, args.output)
     return results
 

@@ -221,21 +221,36 @@ def summarize_dimensions(described: dict) -> str:
     )
 
 
+HEADS_CANNOT_BE_READ = (
+    "head counts cannot be read from the weights, and --verify cannot catch a wrong one (it recomputes the logits with "
+    "the same counts)"
+)
+
+
 def infer_open_clip_config(tensors: dict, text_heads: int | None = None, vision_heads: int | None = None) -> dict:
     """The open_clip `model_cfg` of a checkpoint: ViT-B-16-FLAIR when the shapes are its, else the dimensions read
-    from the shapes plus the head counts, which shapes cannot tell and must be given."""
+    from the shapes plus the head counts: given, or open_clip's rule (width / 64) when that is a whole number."""
     described = describe_state_dict(tensors)
     if described is None:
         return VIT_B_16_FLAIR  # not a FLAIR layout: check_state_dict names what is wrong
     if described == _dimensions(VIT_B_16_FLAIR) and text_heads is None and vision_heads is None:
         return VIT_B_16_FLAIR
-    if text_heads is None or vision_heads is None:
-        raise ConversionError(
-            f"this checkpoint is not ViT-B-16-FLAIR ({summarize_dimensions(described)}); head counts cannot be read "
-            f"from the weights: pass --text-heads and --vision-heads (open_clip's defaults would be 8 and "
-            f"{described['vision_cfg']['width'] // 64}), or --open-clip-config with the model's open_clip config"
-        )
     vision, text = dict(described["vision_cfg"]), dict(described["text_cfg"])
+    assumed = []
+    for tower, cfg, given in (("text", text, text_heads), ("vision", vision, vision_heads)):
+        if given is None and cfg["width"] % 64:
+            raise ConversionError(
+                f"this checkpoint is not ViT-B-16-FLAIR ({summarize_dimensions(described)}); {HEADS_CANNOT_BE_READ}, and "
+                f"the {tower} width {cfg['width']} is not a multiple of open_clip's head width 64: pass --text-heads and "
+                "--vision-heads, or --open-clip-config with the model's open_clip config"
+            )
+        if given is None:
+            assumed.append(f"{cfg['width'] // 64} {tower} heads")
+    text_heads = text_heads or text["width"] // 64
+    vision_heads = vision_heads or vision["width"] // 64
+    if assumed:
+        print(f"assumed {' and '.join(assumed)} (open_clip's width / 64): {HEADS_CANNOT_BE_READ}; pass --text-heads / "
+              "--vision-heads if the model was trained with others")  # fmt: skip
     vision["head_width"], text["heads"] = vision["width"] // vision_heads, text_heads
     return {"embed_dim": described["embed_dim"], "vision_cfg": vision, "text_cfg": text}
 
@@ -583,8 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", help="directory to create (must not exist or be empty)")
     parser.add_argument("--verify", action="store_true", help="compare logits with an independent original forward")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the result with a generated model card")
-    parser.add_argument("--text-heads", type=int, help="text attention heads, for a checkpoint that is not ViT-B-16-FLAIR")
-    parser.add_argument("--vision-heads", type=int, help="vision attention heads, for a checkpoint that is not ViT-B-16-FLAIR")
+    parser.add_argument("--text-heads", type=int, help="text attention heads, for a checkpoint that is not ViT-B-16-FLAIR "
+                        "(default: width / 64, open_clip's rule; weights cannot tell, and --verify cannot catch a wrong count)")
+    parser.add_argument("--vision-heads", type=int, help="vision attention heads, for a checkpoint that is not ViT-B-16-FLAIR "
+                        "(default: width / 64)")
     parser.add_argument("--verbose", action="store_true", help="list every missing, unexpected or mis-shaped key")
     parser.add_argument(
         "--results", metavar="JSON", help="with --push-to-hub: evaluate_retrieval.py output whose R@1 goes into the card's model-index"

@@ -8,6 +8,7 @@ original `.pt` -> converter -> `AutoModel` / `AutoProcessor` with `trust_remote_
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,11 +25,23 @@ CAPTIONS = ["a photo of a dog", "a football player in a red shirt", "a red ladyb
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", help="where to write the converted model (default: a temporary directory)")
+    parser.add_argument("--output-dir", help="keep the converted model in DIR/flair-tiny (default: a temporary directory, removed)")
     args = parser.parse_args(argv)
+    if args.output_dir is None:
+        with tempfile.TemporaryDirectory(prefix="flair-demo-") as directory:
+            run(Path(directory) / "flair-tiny")
+        return
+    output_dir = Path(args.output_dir) / "flair-tiny"
+    if (output_dir / "config.json").is_file() and json.loads((output_dir / "config.json").read_text()).get("model_type") == "flair":
+        print(f"replacing the tiny model converted earlier in {output_dir}")
+        shutil.rmtree(output_dir)
+    run(output_dir)
+
+
+def run(output_dir: Path) -> None:
+    """Convert the bundled checkpoint to `output_dir`, load it with remote code and print both kinds of logits."""
     from transformers import AutoModel, AutoProcessor
 
-    output_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="flair-demo-")) / "flair-tiny"
     model_cfg = json.loads((FIXTURES / "tiny" / "open_clip_config.json").read_text())["model_cfg"]
     report = convert(str(FIXTURES / "tiny" / "flair-tiny-train-ckpt.pt"), output_dir, model_cfg, run_verify=True)
     print(f"converted the bundled tiny checkpoint to {output_dir} (verify: {report['max_abs_difference']})")

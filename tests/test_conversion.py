@@ -261,6 +261,11 @@ def test_sizes_are_read_from_the_checkpoint_and_heads_must_be_given(tmp_path, ti
         logits = model(input_ids=tiny_reference["input_ids"].long(), pixel_values=tiny_reference["pixel_values"]).logits_per_image
     assert (logits - tiny_reference["logits_per_image"]).abs().max() <= 1e-5  # the original code's logits
     assert not (tmp_path / "no-heads").exists()
+    capsys.readouterr()
+    converter.convert(tiny, tmp_path / "assumed", text_heads=2)  # vision width 64: open_clip's rule gives 1 head
+    assert "assumed 1 vision heads (open_clip's width / 64): head counts cannot be read from the weights, and --verify " \
+        "cannot catch a wrong one" in capsys.readouterr().out
+    assert FlairModel.from_pretrained(tmp_path / "assumed").config.vision_config.num_attention_heads == 1
 
 
 def test_wrong_size_error_is_a_short_summary(tmp_path):

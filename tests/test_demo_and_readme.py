@@ -7,14 +7,25 @@ import sys
 from conftest import ROOT
 
 
-def test_offline_demo_runs(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "conversion/offline_demo.py", "--output-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", **__import__("os").environ},
-    )  # fmt: skip
+def run_demo(*args, env_extra=None):
+    env = {"HF_HUB_OFFLINE": "1", **__import__("os").environ, **(env_extra or {})}
+    result = subprocess.run([sys.executable, "conversion/offline_demo.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FLAIR logits" in result.stdout and "CLIP logits" in result.stdout
+    return result
+
+
+def test_offline_demo_runs_twice_into_one_directory(tmp_path):
+    run_demo("--output-dir", str(tmp_path))
     assert (tmp_path / "flair-tiny" / "model.safetensors").is_file()
+    again = run_demo("--output-dir", str(tmp_path))
+    assert f"replacing the tiny model converted earlier in {tmp_path / 'flair-tiny'}" in again.stdout
+
+
+def test_offline_demo_leaves_no_temporary_directory(tmp_path):
+    run_demo(env_extra={"TMPDIR": str(tmp_path)})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_readme_python_example_runs_on_a_converted_model(tiny_dir, tmp_path):
