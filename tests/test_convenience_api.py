@@ -91,3 +91,21 @@ def test_readme_three_line_example_runs(tiny_dir, tmp_path):
     from readme_blocks import run_readme_python
 
     assert "tensor([[" in run_readme_python("model.score(", tiny_dir, tmp_path)
+
+
+def test_empty_inputs_are_one_line_errors(tiny_dir):
+    from transformers import pipeline
+
+    from flair_hf import FlairModel
+
+    model = FlairModel.from_pretrained(tiny_dir).eval()
+    image = str(FIXTURES / "images" / "puppy.jpg")
+    with pytest.raises(ValueError, match=r"^score\(\) got 1 images and 0 texts: pass at least one of each$"):
+        model.score(image, [])
+    with pytest.raises(ValueError, match=r"^score\(\) got 0 images and 1 texts: pass at least one of each$"):
+        model.score([], ["a puppy"])
+    classifier = pipeline("zero-shot-image-classification", model=str(tiny_dir))
+    with pytest.raises(ValueError, match=r"^FlairTokenizer got an empty list of texts \(e.g. candidate_labels=\[\]\): pass at least one$"):
+        classifier(image, candidate_labels=[])
+    with pytest.raises(ValueError, match=r"^FlairModel got 0 images in pixel_values: pass at least one$"):
+        model(input_ids=torch.ones(1, 77, dtype=torch.long), pixel_values=torch.zeros(0, 3, 32, 32))

@@ -623,6 +623,8 @@ class FlairModel(FlairPreTrainedModel):
         texts, as the zero-shot pipeline) and `sigmoid_probs` (each pair on its own: FLAIR's training objective)."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if not images or not texts:
+            raise ValueError(f"score() got {len(images)} images and {len(texts)} texts: pass at least one of each")
         inputs = self._get_processor()(text=texts, images=images)
         logits = self(input_ids=inputs["input_ids"].to(self.device), pixel_values=inputs["pixel_values"].to(self.device, self.dtype))
         logits = logits.logits_per_image.float()
@@ -683,6 +685,9 @@ class FlairModel(FlairPreTrainedModel):
         global `image_embeds` (first), the projected patch tokens `image_token_embeds` and the vision tower's output;
         with only `input_ids`, the normalised `text_embeds` and the text tower's output.
         """
+        for name, batch, what in (("input_ids", input_ids, "texts (e.g. candidate_labels=[])"), ("pixel_values", pixel_values, "images")):
+            if batch is not None and batch.shape[0] == 0:
+                raise ValueError(f"FlairModel got 0 {what} in {name}: pass at least one")
         if input_ids is None or pixel_values is None:
             if return_loss or (input_ids is None and pixel_values is None):
                 raise ValueError("FlairModel needs input_ids and pixel_values (one of them for single-tower embeddings)")

@@ -195,6 +195,8 @@ class FlairTokenizer(CLIPTokenizer):
         return FLAIR_PAD_TOKEN_ID
 
     def _encode_plus(self, text, text_pair=None, is_split_into_words: bool = False, **kwargs):
+        if _is_empty_batch(text):
+            raise ValueError("FlairTokenizer got an empty list of texts (e.g. candidate_labels=[]): pass at least one")
         if not is_split_into_words:
             text = _map_texts(clean_caption, text)
             text_pair = _map_texts(clean_caption, text_pair)
