@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import ROOT
-from flair_hf.zero_shot import class_query_embeddings, imagenet_classnames, imagenet_templates, topk_accuracy
+from flair_hf.zero_shot import imagenet_classnames, imagenet_templates, topk_accuracy
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import evaluate_classification  # noqa: E402
@@ -48,9 +48,17 @@ def test_cli_equals_a_direct_computation(tiny_dir, tiny_model, image_folder, tmp
                                            "--batch-size", "4"])  # fmt: skip
     assert json.loads(output.read_text())["accuracy"] == result["accuracy"]
     assert (result["num_images"], result["num_classes"]) == (9, 3) and "| imagefolder | flair | 9 | 3 |" in output.with_suffix(".md").read_text()
-    # independent: class embeddings from the prompts, the model's own features, both scorings, argmax
+    # independent: each class's 80 prompts written out and embedded one class at a time (CLIP's recipe: normalise,
+    # average over templates, normalise), the model's own features, both scorings, argmax
     processor = FlairProcessor.from_pretrained(tiny_dir)
-    classes, _ = class_query_embeddings(tiny_model, processor.tokenizer, [[c.replace("_", " ")] for c in CLASSES], imagenet_templates())
+    templates = (ROOT / "src" / "flair_hf" / "data" / "openai_imagenet_templates.txt").read_text().splitlines()
+    rows = []
+    with torch.no_grad():
+        for name in CLASSES:
+            prompts = [template.replace("{}", name.replace("_", " ")) for template in templates if template.strip()]
+            ids = processor(text=prompts)["input_ids"]
+            rows.append(F.normalize(F.normalize(tiny_model.get_text_features(ids), dim=-1).mean(0), dim=0))
+    classes = torch.stack(rows)
     images, labels = [], []
     for label, name in enumerate(CLASSES):
         for i in range(3):

@@ -20,12 +20,25 @@ def test_attention_maps_equal_the_original_pooling_attention(tiny_model, tiny_re
     assert (maps - expected).abs().max().item() <= 1e-5
 
 
-def test_attention_maps_equal_output_attentions(tiny_model, inputs):
+def test_attention_maps_equal_a_hand_computed_multihead_attention(tiny_model, inputs):
+    """The pooling head's attention written out from its raw parameters: LayerNorms, q/k projections, a zero key
+    appended (add_zero_attn), softmax per head; maps are the head mean over the patches, divided by their maximum."""
+    pooling = tiny_model.text_conditioned_pooling
+    heads = pooling.num_heads
     with torch.no_grad():
-        weights = tiny_model(input_ids=inputs[1], pixel_values=inputs[0], output_attentions=True).pooling_attentions
+        tokens, texts = tiny_model.get_image_token_features(inputs[0]), tiny_model.get_text_features(inputs[1])
+        dim = texts.shape[-1]
+        queries = F.linear(F.layer_norm(texts, (dim,), pooling.query_layer_norm.weight, pooling.query_layer_norm.bias), pooling.q_proj.weight, pooling.q_proj.bias)
+        keys = F.linear(F.layer_norm(tokens, (dim,), pooling.key_layer_norm.weight, pooling.key_layer_norm.bias), pooling.k_proj.weight, pooling.k_proj.bias)
+        keys = torch.cat([keys, keys.new_zeros(keys.shape[0], 1, dim)], dim=1)  # (B, L + 1, D)
+        q = queries.view(-1, heads, dim // heads)  # (T, h, d)
+        k = keys.view(keys.shape[0], keys.shape[1], heads, dim // heads)  # (B, L + 1, h, d)
+        weights = torch.einsum("thd,blhd->bhtl", q, k).div((dim // heads) ** 0.5).softmax(-1)  # (B, h, T, L + 1)
     mean = weights.mean(dim=1)[..., :196]
     expected = (mean / mean.amax(-1, keepdim=True)).unflatten(-1, (14, 14))
-    torch.testing.assert_close(dense_maps(tiny_model, *inputs), expected, atol=1e-6, rtol=0)
+    maps = dense_maps(tiny_model, *inputs)
+    assert maps.shape == (6, 7, 14, 14)
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
 
 
 def test_similarity_maps_equal_a_direct_cosine(tiny_model, inputs):
