@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from model_loading import load_model_and_processor
 from reporting import published_comparison, write_results
 
-from flair_hf import FlairModel, FlairProcessor
 from flair_hf.zero_shot import SCORINGS, evaluate_classification, imagenet_classnames
 
 
@@ -35,7 +35,16 @@ def load_images(args):
         root = Path(args.data_root)
         if not root.is_dir():
             raise SystemExit(f"error: --data-root {root}: no such directory (an ImageFolder: DIR/<class>/<image>)")
+        class_folders = [folder for folder in root.iterdir() if folder.is_dir() and any(folder.iterdir())]
+        if not class_folders:
+            loose = sum(1 for path in root.iterdir() if path.is_file())
+            raise SystemExit(
+                f"error: --data-root {root} has no class folders with images ({loose} files directly in it): an ImageFolder "
+                "is DIR/<class>/<image>, one folder per class"
+            )
         dataset = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+        if "label" not in dataset.features:
+            raise SystemExit(f"error: --data-root {root}: no labels found; an ImageFolder is DIR/<class>/<image>, one folder per class")
         folders = dataset.features["label"].names
         if args.dataset == "imagenet-1k":
             if len(folders) != 1000:
@@ -87,8 +96,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dataset, names = load_images(args)
-    model = FlairModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    processor = FlairProcessor.from_pretrained(args.model)
+    model, processor = load_model_and_processor(args.model, getattr(torch, args.dtype), args.device)
     start = time.perf_counter()
     result = evaluate_classification(
         model, processor, dataset, names, args.image_column, args.label_column, scorings=args.scoring or SCORINGS,

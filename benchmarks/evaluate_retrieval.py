@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from model_loading import load_model_and_processor
 from reporting import write_results
 
-from flair_hf import FlairModel, FlairProcessor
+from flair_hf import FlairModel
 from flair_hf.evaluation import MODES, PAPER_R1, PAPER_SET_SIZES, evaluate_retrieval
 from flair_hf.retrieval_data import LAYOUTS, BenchmarkDataError, load_benchmark, load_hub_benchmark
 
@@ -141,8 +142,7 @@ def main(argv=None) -> list[dict]:
         )
     except BenchmarkDataError as error:
         raise SystemExit(f"error: {error}") from None
-    model = FlairModel.from_pretrained(args.model).to(args.device).eval()
-    processor = FlairProcessor.from_pretrained(args.model)
+    model, processor = load_model_and_processor(args.model, device=args.device)
     revision = model_revision(model, args.model)
     results = []
     for name, dataset in datasets_to_run:

@@ -17,9 +17,9 @@ import time
 
 import torch
 
+from model_loading import load_model_and_processor
 from reporting import published_comparison, write_results
 
-from flair_hf import FlairModel, FlairProcessor
 from flair_hf.retrieval_data import BenchmarkDataError
 from flair_hf.segmentation import SEGMENTATION_SETS, evaluate_segmentation
 from flair_hf.segmentation_data import SEGMENTATION_LAYOUTS, load_segmentation_benchmark
@@ -83,13 +83,16 @@ def main(argv=None) -> list[dict]:
         datasets_to_run = [(name, load_segmentation_benchmark(name, args.data_root, args.max_images)) for name in args.benchmark]
     except BenchmarkDataError as error:
         raise SystemExit(f"error: {error}") from None
-    model = FlairModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    tokenizer = FlairProcessor.from_pretrained(args.model).tokenizer
+    model, processor = load_model_and_processor(args.model, getattr(torch, args.dtype), args.device)
+    tokenizer = processor.tokenizer
     results = []
     for name, dataset in datasets_to_run:
         settings = settings_for(name, args)
         start = time.perf_counter()
-        metrics = evaluate_segmentation(model, tokenizer, dataset, name, args.method, settings, args.crop, args.stride, args.window_batch)
+        try:
+            metrics = evaluate_segmentation(model, tokenizer, dataset, name, args.method, settings, args.crop, args.stride, args.window_batch)
+        except BenchmarkDataError as error:
+            raise SystemExit(f"error: {error}") from None
         results.append({
             "benchmark": name, "method": args.method, **metrics, "seconds": time.perf_counter() - start,
             "settings": dataclasses.asdict(settings), "crop": args.crop, "stride": args.stride, "model": str(args.model),

@@ -82,6 +82,29 @@ def test_errors_are_one_line(tiny_dir, image_folder, tmp_path):
         evaluate_classification.main(["--model", str(tiny_dir), "--data-root", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="cannot load the Hub dataset someone/missing"):
         evaluate_classification.main(["--model", str(tiny_dir), "--dataset", "someone/missing"])
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "a.png")
+    (tmp_path / "empty").mkdir()
+    for root, files in ((flat, 1), (tmp_path / "empty", 0)):
+        with pytest.raises(SystemExit) as error:
+            evaluate_classification.main(["--model", str(tiny_dir), "--data-root", str(root)])
+        assert str(error.value) == (f"error: --data-root {root} has no class folders with images ({files} files directly in it): "
+                                    "an ImageFolder is DIR/<class>/<image>, one folder per class")  # fmt: skip
+
+
+@pytest.mark.parametrize("keep", [("config.json",), ("config.json", "model.safetensors")])
+def test_incomplete_model_directories_are_one_line_errors(tiny_dir, image_folder, tmp_path, keep):
+    import shutil
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in keep:
+        shutil.copy(tiny_dir / name, partial / name)
+    with pytest.raises(SystemExit) as error:
+        evaluate_classification.main(["--model", str(partial), "--data-root", str(image_folder)])
+    missing = "processor_config.json, tokenizer.json, tokenizer_config.json" + ("" if len(keep) == 2 else ", model.safetensors")
+    assert str(error.value).startswith(f"error: --model {partial} lacks {missing}: give a directory written by")
 
 
 def test_readme_classification_command(tiny_dir, image_folder, tmp_path):

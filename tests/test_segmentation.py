@@ -203,3 +203,22 @@ def test_help_lists_layouts_and_how_to_obtain_them(capsys):
         segmentation_cli.main(["--help"])
     text = capsys.readouterr().out
     assert "ADEChallengeData2016/{images/validation" in text and "csCreateTrainIdLabelImgs" in text and "--prob-thd" in text
+
+
+@pytest.mark.parametrize("problem", ["rgb", "size"])
+def test_bad_label_files_are_one_line_errors_naming_the_file(tiny_dir, tmp_path, problem):
+    from PIL import Image
+
+    from segmentation_layouts import build_segmentation_root
+
+    root = build_segmentation_root(tmp_path / "data")
+    label = root / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "2007_000002.png"
+    original = Image.open(label)
+    (original.convert("RGB") if problem == "rgb" else original.resize((20, 10))).save(label)
+    with pytest.raises(SystemExit) as error:
+        segmentation_cli.main(["--model", str(tiny_dir), "--benchmark", "voc20", "--data-root", str(root), "--output", str(tmp_path / "r.json")])
+    expected = {
+        "rgb": f"error: {label} is a RGB image: labels are single-channel PNGs of class indices (mode L or P)",
+        "size": f"error: {label} is 20x10 but its image {label.parents[1] / 'JPEGImages' / '2007_000002.jpg'} is 32x16: a label must match its image",
+    }[problem]
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)

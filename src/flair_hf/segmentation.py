@@ -165,6 +165,23 @@ class IoUAccumulator:
         }
 
 
+def check_label(row: dict) -> None:
+    """A label must be a single-channel class-index PNG of its image's size; `BenchmarkDataError` names the file."""
+    from .retrieval_data import BenchmarkDataError
+
+    label, image, where = row["label"], row["image"], row.get("label_path", "a label")
+    if label.mode not in ("L", "P", "I", "I;16"):
+        raise BenchmarkDataError(
+            f"{where} is a {label.mode} image: labels are single-channel PNGs of class indices (mode L or P), as "
+            "mmsegmentation's dataset preparation writes them"
+        )
+    if label.size != image.size:
+        raise BenchmarkDataError(
+            f"{where} is {label.size[0]}x{label.size[1]} but its image {row.get('image_path', '')} is "
+            f"{image.size[0]}x{image.size[1]}: a label must match its image"
+        )
+
+
 def label_array(label: Image.Image, reduce_zero_label: bool = False) -> np.ndarray:
     """A label PNG as class indices; `reduce_zero_label`: 0 -> 255 (ignored), k -> k - 1."""
     array = np.asarray(label, dtype=np.uint8).astype(np.int64)
@@ -179,6 +196,7 @@ __all__ = [
     "IoUAccumulator",
     "SEGMENTATION_SETS",
     "SegmentationSet",
+    "check_label",
     "class_names",
     "evaluate_segmentation",
     "label_array",
@@ -209,9 +227,10 @@ def evaluate_segmentation(model, tokenizer, dataset, benchmark: str, method: str
         raise ValueError(f"unknown method {method!r}: use similarity or attention")
     settings = settings or SEGMENTATION_SETS[benchmark]
     classes = class_names(benchmark)
-    queries, query_to_class = class_query_embeddings(model, tokenizer, classes, imagenet_templates())
+    queries, query_to_class = class_query_embeddings(model, tokenizer, classes, imagenet_templates(), progress=progress)
     accumulator = IoUAccumulator(len(classes))
     for row in tqdm(dataset, desc=f"segmenting {benchmark}", unit="image", disable=not progress):
+        check_label(row)
         labels = segment_image(model, row["image"], queries, query_to_class, settings, method, crop, stride, window_batch)
         accumulator.add(labels.numpy(), label_array(row["label"], settings.reduce_zero_label))
     return {**accumulator.compute([synonyms[0] for synonyms in classes]), "num_images": len(dataset)}

@@ -34,13 +34,17 @@ def imagenet_classnames() -> list[str]:
 
 
 @torch.no_grad()
-def class_query_embeddings(model, tokenizer, classes: list[list[str]], templates: list[str], batch_size: int = 256):
+def class_query_embeddings(model, tokenizer, classes: list[list[str]], templates: list[str], batch_size: int = 256,
+                           progress: bool = True):  # fmt: skip
     """`(Q, D)` normalised template-averaged embeddings of every synonym, and `(Q,)` the class of each query."""
+    from tqdm.auto import tqdm
+
     queries = [(index, name) for index, synonyms in enumerate(classes) for name in synonyms]
     prompts = [template.format(name) for _, name in queries for template in templates]
     device = model.device
     embeddings = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=f"encoding {len(prompts):,} class prompts", unit="batch", disable=not progress):
         ids = tokenizer(prompts[start : start + batch_size], padding="max_length", max_length=77, return_tensors="pt")
         embeddings.append(F.normalize(model.get_text_features(ids["input_ids"].to(device)).float(), dim=-1))
     per_template = torch.cat(embeddings).view(len(queries), len(templates), -1)
@@ -64,7 +68,9 @@ def evaluate_classification(
     unknown = set(scorings) - set(SCORINGS)
     if unknown:
         raise ValueError(f"unknown scoring {sorted(unknown)}: use {', '.join(SCORINGS)}")
-    classes, _ = class_query_embeddings(model, processor.tokenizer, [[name] for name in classnames], templates or imagenet_templates())
+    classes, _ = class_query_embeddings(
+        model, processor.tokenizer, [[name] for name in classnames], templates or imagenet_templates(), progress=progress
+    )
     scores = {name: [] for name in scorings}
     labels = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="classifying", unit="batch", disable=not progress):
