@@ -706,8 +706,11 @@ def main(argv=None):
     config = load_config(argv)
     try:
         train(config)
+        return
     except DataError as error:  # raised in a DataLoader worker, it arrives wrapped with the worker's traceback
-        raise ConfigError(str(error).rstrip().splitlines()[-1].removeprefix("data.DataError: ")) from None
+        message = str(error).rstrip().splitlines()[-1].removeprefix("data.DataError: ")
+    gc.collect()  # the DataLoader's workers end (and finish printing) before the error is printed, last
+    raise ConfigError(message)
 
 
 if __name__ == "__main__":
