@@ -36,6 +36,14 @@ def build_models(implementation: str, device: str, dtype: torch.dtype, model_con
     return models
 
 
+def tower_calls(models: dict, tower: str, pixels: torch.Tensor, ids: torch.Tensor) -> dict:
+    """One tower's global embedding per model, as each is used: FLAIR's tensor methods (the text cut at each
+    end-of-text), CLIPModel's `get_*_features` (over all positions)."""
+    if tower == "image":
+        return {"flair": lambda: models["flair"].get_image_embeds(pixels), "clip": lambda: models["clip"].get_image_features(pixel_values=pixels)}
+    return {"flair": lambda: models["flair"].get_text_embeds(ids), "clip": lambda: models["clip"].get_text_features(input_ids=ids)}
+
+
 def peak_memory_mib(device: str, baseline: int = 0) -> float:
     """CUDA: peak allocated bytes above `baseline` (what was resident before the call); CPU: the process's peak RSS."""
     if device.startswith("cuda"):
@@ -77,10 +85,7 @@ def run(args) -> dict:
     for implementation in ("eager", "sdpa"):
         models = build_models(implementation, args.device, dtype)
         for tower, batch in (("image", args.image_batch), ("text", args.text_batch)):
-            if tower == "image":
-                calls = {name: (lambda m=model: m.get_image_features(pixel_values=pixels)) for name, model in models.items()}
-            else:
-                calls = {name: (lambda m=model: m.get_text_features(input_ids=ids)) for name, model in models.items()}
+            calls = tower_calls(models, tower, pixels, ids)
             row = {"attn_implementation": implementation, "tower": tower, "batch": batch}
             row.update(measure_pair(calls, batch, args.iterations, args.device))
             row["flair_over_clip"] = row["flair"]["items_per_s"] / row["clip"]["items_per_s"]

@@ -194,7 +194,7 @@ def breakdown(original, ours, pixels, ids, captions_per_image: int) -> dict:
     K, batch = captions_per_image, pixels.shape[0]
     indices = sample_text_indices(batch, K, torch.Generator().manual_seed(0))[1]
     with torch.no_grad():
-        text, (image, tokens) = ours.get_text_features(ids), ours.get_image_and_token_features(pixels)
+        text, (image, tokens) = ours.get_text_embeds(ids), ours.get_image_and_token_features(pixels)
     text, image, tokens = (t.clone().requires_grad_() for t in (text, image, tokens))
     scale, bias = ours.logit_scale.exp().detach(), ours.logit_bias
     parts = {
@@ -204,7 +204,7 @@ def breakdown(original, ours, pixels, ids, captions_per_image: int) -> dict:
             "loss_head": lambda: original.loss_from_features(text, image, tokens, K, indices)[None],
         },
         "ours": {
-            "text_tower": lambda: ours.get_text_features(ids),
+            "text_tower": lambda: ours.get_text_embeds(ids),
             "vision_tower": lambda: ours.get_image_and_token_features(pixels)[1],
             "loss_head": lambda: flair_loss(ours.text_conditioned_pooling, image, tokens, text, scale, bias, K, indices)[None],
         },

@@ -135,7 +135,7 @@ def model_outputs(model, ids, pixels, autocast_dtype=None) -> dict:
     """The tensors the reference holds: global embeddings, pooled embeddings, FLAIR and CLIP logits (float32)."""
     device_type = pixels.device.type
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        text = model.get_text_features(ids)
+        text = model.get_text_embeds(ids)
         image, tokens = model.get_image_and_token_features(pixels)
         output = model(input_ids=ids, pixel_values=pixels)
         pooled = model.get_text_conditioned_image_features(text, tokens)
@@ -244,11 +244,7 @@ def towers(args, scale: dict, dtype: torch.dtype, peak: float) -> list[dict]:
     for implementation in ("eager", "sdpa"):
         models = benchmark_towers.build_models(implementation, args.device, dtype, benchmark_training.SIZES[scale["model"]])
         for tower, batch in (("image", scale["image_batch"]), ("text", scale["text_batch"])):
-            calls = {
-                name: (lambda m=model: m.get_image_features(pixel_values=pixels)) if tower == "image"
-                else (lambda m=model: m.get_text_features(input_ids=ids))
-                for name, model in models.items()
-            }  # fmt: skip
+            calls = benchmark_towers.tower_calls(models, tower, pixels, ids)
             measured = benchmark_towers.measure_pair(calls, batch, scale["iterations"], args.device)
             flops = count_flops(calls["flair"])
             tflops = flops * measured["flair"]["items_per_s"] / batch / 1e12

@@ -142,8 +142,8 @@ class Demo:
         if not paths:
             raise gr.Error("Give a folder of images on the server or upload some images.")
         images = [open_image(p) for p in paths]
-        image_embeds = self.model.get_image_features(self.processor(images=images)["pixel_values"])
-        global_similarity = global_scores(image_embeds, self.model.get_text_features(self.processor(text=[query])["input_ids"]))[:, 0]
+        image_embeds = self.model.get_image_embeds(self.processor(images=images)["pixel_values"])
+        global_similarity = global_scores(image_embeds, self.model.get_text_embeds(self.processor(text=[query])["input_ids"]))[:, 0]
         candidates = global_similarity.argsort(descending=True)[: int(top)].tolist()
         inputs = self.processor(text=[query], images=[images[i] for i in candidates])
         flair = self.model(**inputs).logits_per_image[:, 0]

@@ -16,6 +16,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import convert_flair_to_hf as converter  # noqa: E402
 from manifest_weights import manifest_state_dict  # noqa: E402
 
+# the harness for transformers' common tests runs in its own directory (tests/test_transformers_common.py), not here
+collect_ignore = ["transformers_common"]
+
 TINY_OPEN_CLIP_CONFIG = json.loads((FIXTURES / "tiny" / "open_clip_config.json").read_text())["model_cfg"]
 
 

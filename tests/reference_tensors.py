@@ -18,9 +18,9 @@ def model_outputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) ->
             "vision_tokens": vision.last_hidden_state[:, 1:],
             "text_pooled": text.pooler_output,
             "text_tokens": text.last_hidden_state,
-            "image_embeds": model.get_image_features(pixel_values),
+            "image_embeds": model.get_image_features(pixel_values).pooler_output,
             "image_token_embeds": model.get_image_token_features(pixel_values),
-            "text_embeds": model.get_text_features(input_ids),
+            "text_embeds": model.get_text_features(input_ids).pooler_output,
             "logits_as_clip_per_image": model.get_logits_as_clip(input_ids, pixel_values)[0],
             "logits_per_image": model.get_logits(input_ids, pixel_values)[0],
             "text_conditioned_image_embeds": model.get_text_conditioned_image_features(

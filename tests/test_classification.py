@@ -57,7 +57,7 @@ def test_cli_equals_a_direct_computation(tiny_dir, tiny_model, image_folder, tmp
         for name in CLASSES:
             prompts = [template.replace("{}", name.replace("_", " ")) for template in templates if template.strip()]
             ids = processor(text=prompts)["input_ids"]
-            rows.append(F.normalize(F.normalize(tiny_model.get_text_features(ids), dim=-1).mean(0), dim=0))
+            rows.append(F.normalize(F.normalize(tiny_model.get_text_embeds(ids), dim=-1).mean(0), dim=0))
     classes = torch.stack(rows)
     images, labels = [], []
     for label, name in enumerate(CLASSES):

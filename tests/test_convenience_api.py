@@ -27,7 +27,7 @@ def loaded(tiny_dir):
 def test_encode_text_equals_normalised_features(loaded):
     model, processor = loaded
     with torch.no_grad():
-        expected = F.normalize(model.get_text_features(processor(text=TEXTS)["input_ids"]), dim=-1)
+        expected = F.normalize(model.get_text_embeds(processor(text=TEXTS)["input_ids"]), dim=-1)
     torch.testing.assert_close(model.encode_text(TEXTS, batch_size=2, show_progress_bar=True), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(model.encode_text(TEXTS[0]), expected[:1], atol=1e-6, rtol=0)
     assert model.encode_text([]).shape == (0, model.config.projection_dim)
@@ -37,7 +37,7 @@ def test_encode_image_takes_paths_pil_and_arrays(loaded):
     model, processor = loaded
     picture = Image.open(IMAGE)
     with torch.no_grad():
-        expected = F.normalize(model.get_image_features(processor(images=[picture])["pixel_values"]), dim=-1)
+        expected = F.normalize(model.get_image_embeds(processor(images=[picture])["pixel_values"]), dim=-1)
     embeddings = model.encode_image([str(IMAGE), picture, np.asarray(picture.convert("RGB"))], batch_size=2)
     assert embeddings.shape == (3, model.config.projection_dim)
     for row in embeddings:

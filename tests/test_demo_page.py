@@ -143,7 +143,7 @@ def test_classify_tab_shows_flair_and_clip_scores(served, browser, tmp_path):
         image_embeds, tokens = model.get_image_and_token_features(processor(images=Image.open(IMAGE))["pixel_values"])
         for name, (flair, clip) in shown.items():
             prompts = processor(text=[t.replace("{}", name) for t in templates])["input_ids"]
-            query = F.normalize(F.normalize(model.get_text_features(prompts), dim=-1).mean(0), dim=0)
+            query = F.normalize(F.normalize(model.get_text_embeds(prompts), dim=-1).mean(0), dim=0)
             pooled = model.text_conditioned_pooling(query[None], tokens)[0][0, 0]
             assert flair == pytest.approx(F.cosine_similarity(pooled, query, dim=0).item(), abs=1e-4), name
             assert clip == pytest.approx(F.cosine_similarity(image_embeds[0], query, dim=0).item(), abs=1e-4), name

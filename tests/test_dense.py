@@ -26,7 +26,7 @@ def test_attention_maps_equal_a_hand_computed_multihead_attention(tiny_model, in
     pooling = tiny_model.text_conditioned_pooling
     heads = pooling.num_heads
     with torch.no_grad():
-        tokens, texts = tiny_model.get_image_token_features(inputs[0]), tiny_model.get_text_features(inputs[1])
+        tokens, texts = tiny_model.get_image_token_features(inputs[0]), tiny_model.get_text_embeds(inputs[1])
         dim = texts.shape[-1]
         queries = F.linear(F.layer_norm(texts, (dim,), pooling.query_layer_norm.weight, pooling.query_layer_norm.bias), pooling.q_proj.weight, pooling.q_proj.bias)
         keys = F.linear(F.layer_norm(tokens, (dim,), pooling.key_layer_norm.weight, pooling.key_layer_norm.bias), pooling.k_proj.weight, pooling.k_proj.bias)
@@ -44,7 +44,7 @@ def test_attention_maps_equal_a_hand_computed_multihead_attention(tiny_model, in
 def test_similarity_maps_equal_a_direct_cosine(tiny_model, inputs):
     with torch.no_grad():
         tokens = tiny_model.get_image_token_features(inputs[0])  # (6, 196, D)
-        texts = tiny_model.get_text_features(inputs[1])  # (7, D)
+        texts = tiny_model.get_text_embeds(inputs[1])  # (7, D)
     expected = torch.zeros(6, 7, 196)
     for i in range(6):
         for t in range(7):
@@ -57,7 +57,7 @@ def test_similarity_maps_equal_a_direct_cosine(tiny_model, inputs):
 
 def test_chunking_does_not_change_maps(tiny_model, inputs):
     with torch.no_grad():
-        tokens, texts = tiny_model.get_image_token_features(inputs[0]), tiny_model.get_text_features(inputs[1])
+        tokens, texts = tiny_model.get_image_token_features(inputs[0]), tiny_model.get_text_embeds(inputs[1])
     pooling = tiny_model.text_conditioned_pooling
     whole = caption_attention_maps(pooling, texts, tokens, (14, 14))
     torch.testing.assert_close(caption_attention_maps(pooling, texts, tokens, (14, 14), image_chunk_size=1, text_chunk_size=2), whole)
@@ -92,14 +92,13 @@ def test_interpolated_position_embeddings_match_clip_and_the_model_size(tiny_dir
 
     pixels = inputs[0][:2]
     with torch.no_grad():
-        plain = tiny_model.get_image_features(pixels)
-        torch.testing.assert_close(tiny_model.get_image_features(pixels, interpolate_pos_encoding=True), plain, atol=0, rtol=0)
+        plain = tiny_model.get_image_embeds(pixels)
+        torch.testing.assert_close(tiny_model.get_image_embeds(pixels, interpolate_pos_encoding=True), plain, atol=0, rtol=0)
         large = F.interpolate(pixels, size=(320, 256), mode="bilinear", align_corners=False)
-        ours = tiny_model.get_image_features(large, interpolate_pos_encoding=True)
+        ours = tiny_model.get_image_embeds(large, interpolate_pos_encoding=True)
         clip = CLIPModel.from_pretrained(tiny_dir).eval()
-        theirs = clip.get_image_features(pixel_values=large, interpolate_pos_encoding=True)
-        theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output
+        theirs = clip.get_image_features(pixel_values=large, interpolate_pos_encoding=True).pooler_output
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert dense_maps(tiny_model, large, inputs[1][:3], kind="attention").shape == (2, 3, 20, 16)
     with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
-        tiny_model.get_image_features(large)
+        tiny_model.get_image_embeds(large)

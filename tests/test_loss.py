@@ -161,8 +161,8 @@ def test_model_forward_return_loss_equals_flair_loss(tiny_model, tiny_reference)
         output = tiny_model(input_ids=ids, pixel_values=pixels, return_loss=True, captions_per_image=3)
         torch.manual_seed(0)
         expected = flair_loss(
-            tiny_model.text_conditioned_pooling, tiny_model.get_image_features(pixels),
-            tiny_model.get_image_token_features(pixels), tiny_model.get_text_features(ids),
+            tiny_model.text_conditioned_pooling, tiny_model.get_image_embeds(pixels),
+            tiny_model.get_image_token_features(pixels), tiny_model.get_text_embeds(ids),
             tiny_model.logit_scale.exp(), tiny_model.logit_bias, captions_per_image=3,
         )  # fmt: skip
     assert output.loss.item() == pytest.approx(expected.item(), abs=1e-6)

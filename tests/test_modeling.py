@@ -29,7 +29,7 @@ def test_eager_and_sdpa_agree(tiny_dir, inputs):
 def test_chunked_pooling_equals_single_pass(tiny_model, inputs):
     ids, pixels = inputs
     with torch.no_grad():
-        text = tiny_model.get_text_features(ids)
+        text = tiny_model.get_text_embeds(ids)
         tokens = tiny_model.get_image_token_features(pixels)
         whole, _ = tiny_model.text_conditioned_pooling(text, tokens)
         chunked = tiny_model.get_text_conditioned_image_features(text, tokens, image_chunk_size=4, text_chunk_size=3)
@@ -83,7 +83,7 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_dir, inputs):
 
 @pytest.mark.parametrize("groups", [1, 4])
 def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
-    """`get_text_features` runs texts sorted into length groups cut after their end-of-text token; the embeddings,
+    """`get_text_embeds` runs texts sorted into length groups cut after their end-of-text token; the embeddings,
     their gradients and a padding mask's effect equal the full 77-token pass."""
     model = FlairModel.from_pretrained(tiny_dir, text_config={"length_groups": groups}).train()
     generator = torch.Generator().manual_seed(0)
@@ -92,7 +92,7 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
     mask = (ids != 0).long()
     calls = []
     hook = model.text_model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
-    fast = model.get_text_features(ids, mask)
+    fast = model.get_text_embeds(ids, mask)
     hook.remove()
     assert len(calls) == groups and max(shape[1] for shape in calls) == 77 and sum(s[0] for s in calls) == len(ends)
     full = model.text_projection(model.text_model(ids, mask).pooler_output)
@@ -111,7 +111,7 @@ def test_traced_or_exported_text_features_do_not_bake_in_example_lengths(tiny_mo
             self.model = model
 
         def forward(self, input_ids):
-            return self.model.get_text_features(input_ids)
+            return self.model.get_text_embeds(input_ids)
 
     wrapper = TextFeatures(tiny_model).eval()
     generator = torch.Generator().manual_seed(0)
@@ -120,7 +120,7 @@ def test_traced_or_exported_text_features_do_not_bake_in_example_lengths(tiny_mo
         traced = torch.jit.trace(wrapper, short, check_trace=False)
         exported = torch.export.export(wrapper, (short,)).module()
         for graph in (traced, exported):
-            torch.testing.assert_close(graph(long), tiny_model.get_text_features(long), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(graph(long), tiny_model.get_text_embeds(long), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

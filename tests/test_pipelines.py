@@ -98,8 +98,8 @@ def test_single_tower_forward(tiny_model, tiny_reference):
         images = tiny_model(pixel_values=pixels)
         texts = tiny_model(input_ids=ids)
         torch.testing.assert_close(images.image_token_embeds, tiny_model.get_image_token_features(pixels))
-        torch.testing.assert_close(images[0], torch.nn.functional.normalize(tiny_model.get_image_features(pixels), dim=-1))
-        torch.testing.assert_close(texts[0], torch.nn.functional.normalize(tiny_model.get_text_features(ids), dim=-1))
+        torch.testing.assert_close(images[0], torch.nn.functional.normalize(tiny_model.get_image_embeds(pixels), dim=-1))
+        torch.testing.assert_close(texts[0], torch.nn.functional.normalize(tiny_model.get_text_embeds(ids), dim=-1))
         assert images.logits_per_image is None and texts.image_embeds is None
     with pytest.raises(ValueError, match="needs input_ids and pixel_values"):
         tiny_model(pixel_values=pixels, return_loss=True, captions_per_image=1)

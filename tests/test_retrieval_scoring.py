@@ -26,7 +26,7 @@ def test_fast_scorer_equals_straightforward_loop(features):
 def test_scores_match_model_logits(tiny_model, tiny_reference):
     with torch.no_grad():
         ids, pixels = tiny_reference["input_ids"].long(), tiny_reference["pixel_values"]
-        scores = flair_scores(tiny_model.text_conditioned_pooling, tiny_model.get_text_features(ids), tiny_model.get_image_token_features(pixels))
+        scores = flair_scores(tiny_model.text_conditioned_pooling, tiny_model.get_text_embeds(ids), tiny_model.get_image_token_features(pixels))
     logits = tiny_model.logit_scale.exp() * scores + tiny_model.logit_bias
     assert (logits - tiny_reference["logits_per_image"]).abs().max() <= 1e-4
 

@@ -129,7 +129,7 @@ class OracleFlair(FlairModel):
     def one_hot(self, indices):
         return F.one_hot(indices, self.config.projection_dim).float()
 
-    def get_text_features(self, input_ids, attention_mask=None):
+    def get_text_embeds(self, input_ids, attention_mask=None):
         return self.one_hot(torch.tensor([self.prompt_classes[tuple(row.tolist())] for row in input_ids]))
 
     def get_image_token_features(self, pixel_values, interpolate_pos_encoding=False):

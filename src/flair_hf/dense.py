@@ -34,7 +34,7 @@ def caption_attention_maps(
 ) -> torch.Tensor:  # fmt: skip
     """`(B, T, h, w)` head-averaged pooling attention of every caption over every image's patches, max-normalised.
 
-    `pooling` is `FlairModel.text_conditioned_pooling`, `text_embeds` `(T, D)` from `get_text_features`,
+    `pooling` is `FlairModel.text_conditioned_pooling`, `text_embeds` `(T, D)` from `get_text_embeds`,
     `image_token_embeds` `(B, h*w, D)` from `get_image_token_features`.
     """
     queries = pooling.project_queries(text_embeds)
@@ -81,7 +81,7 @@ def dense_maps(
     grid = (height // patch, width // patch)
     size = model.config.vision_config.image_size
     tokens = model.get_image_token_features(pixel_values, interpolate_pos_encoding=(height, width) != (size, size))
-    texts = model.get_text_features(input_ids, attention_mask)
+    texts = model.get_text_embeds(input_ids, attention_mask)
     if kind == "attention":
         maps = caption_attention_maps(model.text_conditioned_pooling, texts, tokens, grid, **chunk_sizes)
     else:

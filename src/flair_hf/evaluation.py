@@ -155,7 +155,7 @@ def encode_features(model, processor, dataset, captions, batch_size=64, device=N
     with _autocast(device, autocast_dtype):
         for start in tqdm(range(texts.start, texts.stop, batch_size), desc="encoding texts", unit="batch", disable=not show):
             ids = processor(text=captions[start : min(start + batch_size, texts.stop)])["input_ids"].to(device)
-            text_embeds.append(model.get_text_features(ids).float().cpu())
+            text_embeds.append(model.get_text_embeds(ids).float().cpu())
         for start in tqdm(range(images.start, images.stop, batch_size), desc="encoding images", unit="batch", disable=not show):
             pixels = processor(images=dataset[start : min(start + batch_size, images.stop)]["image"])["pixel_values"]
             embeds, tokens = model.get_image_and_token_features(pixels.to(device))

@@ -18,7 +18,10 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_flair import FlairConfig, FlairTextConfig, FlairVisionConfig
 from .loss import distributed_flair_loss, flair_loss
@@ -29,35 +32,40 @@ class FlairOutput(ModelOutput):
     r"""
     Output of [`FlairModel.forward`] for `B` images and `T` texts (`D` = projection dim, `L` = patch tokens).
 
-    loss (with `return_loss=True`): the FLAIR training loss (see `flair_hf.loss`); the logits are then not computed.
+    The first seven fields are `CLIPOutput`'s, in its order (also in the `return_dict=False` tuple, where `None`
+    fields are left out); FLAIR's own follow.
 
+    loss (with `return_loss=True`): the FLAIR training loss (see `flair_hf.loss`); the logits are then not computed.
     logits_per_image (`(B, T)`): FLAIR logits, `exp(logit_scale) * cos(pool(text_j | image_i), text_j) + logit_bias`
         (the CLIP-style ones instead when `config.zero_shot_logits == "clip"`).
     logits_per_text (`(T, B)`): the transpose of `logits_per_image`.
-    logits_per_image_as_clip (`(B, T)`): global CLIP-style logits, `exp(logit_scale) * cos(image_i, text_j)`, no bias.
-    logits_per_text_as_clip (`(T, B)`): the transpose of `logits_per_image_as_clip`.
     text_embeds (`(T, D)`): normalised global text embeddings.
     image_embeds (`(B, D)`): normalised global image embeddings.
+    text_model_output, vision_model_output: the towers' outputs (`pooler_output`, `last_hidden_state`, and
+        `hidden_states` / `attentions` when asked for). The text tower's `last_hidden_state` is computed (over all
+        positions) only with `output_hidden_states` or `output_attentions`; otherwise each caption runs only up to its
+        end-of-text token, all that reaches `pooler_output` under the causal mask, and `last_hidden_state` is `None`.
+    logits_per_image_as_clip (`(B, T)`): global CLIP-style logits, `exp(logit_scale) * cos(image_i, text_j)`, no bias.
+    logits_per_text_as_clip (`(T, B)`): the transpose of `logits_per_image_as_clip`.
     text_conditioned_image_embeds (`(B, T, D)`): normalised output of the pooling head for every pair.
     image_token_embeds (`(B, L, D)`, image-only calls): projected patch tokens, as `get_image_token_features`.
     pooling_attentions (`(B, heads, T, L + 1)`, with `output_attentions=True`): attention weights of the pooling head.
         Slots `0..L-1` are the patch tokens in row-major order; slot `L` is the zero-attention slot
         (`add_zero_attn=True` in the original): a zero key and value that lets a query attend to "nothing".
-    text_model_output, vision_model_output: the towers' outputs (`last_hidden_state`, `pooler_output`).
     """
 
     loss: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
     logits_per_text: torch.FloatTensor | None = None
-    logits_per_image_as_clip: torch.FloatTensor | None = None
-    logits_per_text_as_clip: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    logits_per_image_as_clip: torch.FloatTensor | None = None
+    logits_per_text_as_clip: torch.FloatTensor | None = None
     text_conditioned_image_embeds: torch.FloatTensor | None = None
     image_token_embeds: torch.FloatTensor | None = None
     pooling_attentions: torch.FloatTensor | None = None
-    text_model_output: BaseModelOutputWithPooling | None = None
-    vision_model_output: BaseModelOutputWithPooling | None = None
 
     def to_tuple(self):
         return tuple(
@@ -169,13 +177,15 @@ class FlairAttention(nn.Module):
         self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        attn_output, _ = _attention_interface(self.config)(
+        attn_output, attn_weights = _attention_interface(self.config, output_attentions)(
             self,
             queries,
             keys,
@@ -186,7 +196,7 @@ class FlairAttention(nn.Module):
             # a 4-D mask already holds the causal part; flash kernels take a 2-D padding mask and the causal flag
             is_causal=self.is_causal and (attention_mask is None or attention_mask.dim() == 2),
         )
-        return self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return self.out_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
 class FlairMLP(nn.Module):
@@ -209,8 +219,10 @@ class FlairEncoderLayer(GradientCheckpointingLayer):
         self.mlp = FlairMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask, output_attentions)[0]
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
@@ -221,19 +233,26 @@ class FlairEncoder(nn.Module):
         self.layers = nn.ModuleList([FlairEncoderLayer(config, is_causal) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> torch.Tensor:
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask)
+            hidden_states = layer(hidden_states, attention_mask, output_attentions)
         return hidden_states
 
 
-def _causal_attention_mask(config, attention_mask: torch.Tensor | None, hidden_states: torch.Tensor):
+def _output_flags(config, kwargs: dict) -> dict:
+    """`output_hidden_states` (a flag, or the indices of the states to keep) and `output_attentions`, as passed, else
+    as configured."""
+    return {name: kwargs.get(name, getattr(config, name, False)) for name in ("output_hidden_states", "output_attentions")}
+
+
+def _causal_attention_mask(implementation: str, attention_mask: torch.Tensor | None, hidden_states: torch.Tensor):
     """The mask the text attention needs: `None` where the kernel's own causal flag suffices, else additive 4-D.
 
     FLAIR (like CLIP) pools at the end-of-text token, which under the causal mask never sees padding, so
     `attention_mask` only changes the (unused) states of padding positions.
     """
-    implementation = config._attn_implementation
     if implementation.startswith("flash_attention"):
         return attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
     if attention_mask is None and implementation != "eager":
@@ -259,6 +278,7 @@ class FlairPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": FlairEncoderLayer, "attentions": FlairAttention}
 
     @torch.no_grad()
     def _initialize_weights(self, module, is_custom_code: bool = False):
@@ -355,10 +375,17 @@ class FlairTextModel(FlairPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.token_embedding
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """CLIP's text tower output; `hidden_states` (embeddings, then each layer's output, before the final LayerNorm)
+        and `attentions` with `output_hidden_states` / `output_attentions`."""
         hidden_states = self.embeddings(input_ids)
-        mask = _causal_attention_mask(self.config, attention_mask, hidden_states)
-        last_hidden_state = self.final_layer_norm(self.encoder(hidden_states, mask))
+        output_attentions = bool(_output_flags(self.config, kwargs)["output_attentions"])
+        implementation = "eager" if output_attentions else self.config._attn_implementation  # as FlairAttention runs
+        mask = _causal_attention_mask(implementation, attention_mask, hidden_states)
+        last_hidden_state = self.final_layer_norm(self.encoder(hidden_states, mask, output_attentions))
         end_of_text = input_ids.to(device=last_hidden_state.device).argmax(dim=-1)
         pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=end_of_text.device), end_of_text]
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
@@ -371,7 +398,7 @@ class FlairTextModel(FlairPreTrainedModel):
         hold equally many texts issue the same collectives. Traced or compiled, the full-length pass runs instead, so
         that no example's lengths are baked into the graph."""
         if input_ids.shape[0] == 0 or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return self(input_ids, attention_mask).pooler_output
+            return self(input_ids, attention_mask, return_dict=True).pooler_output
         ends = input_ids.argmax(dim=-1)
         order = ends.argsort()
         groups = order.tensor_split(min(self.config.length_groups, len(order)))
@@ -379,7 +406,7 @@ class FlairTextModel(FlairPreTrainedModel):
         for group in groups:
             cut = int(ends[group].max()) + 1
             mask = attention_mask[group, :cut] if attention_mask is not None else None
-            pooled.append(self(input_ids[group, :cut], mask).pooler_output)
+            pooled.append(self(input_ids[group, :cut], mask, return_dict=True).pooler_output)
         return torch.cat(pooled)[order.argsort()]
 
 
@@ -400,9 +427,14 @@ class FlairVisionModel(FlairPreTrainedModel):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> BaseModelOutputWithPooling:
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """`hidden_states` (after the pre-LayerNorm, then each layer's output) and `attentions` as CLIP's."""
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
-        last_hidden_state = self.post_layernorm(self.encoder(hidden_states))
+        output_attentions = bool(_output_flags(self.config, kwargs)["output_attentions"])
+        last_hidden_state = self.post_layernorm(self.encoder(hidden_states, None, output_attentions))
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=last_hidden_state[:, 0])
 
 
@@ -509,15 +541,37 @@ class FlairModel(FlairPreTrainedModel):
             self.config.auto_map = {**auto_map, "AutoModelForZeroShotImageClassification": entry}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Global text embeddings `(T, D)`, not normalised: the end-of-text state projected by `text_projection`."""
-        return self.text_projection(self.text_model.pooled_output(input_ids, attention_mask))
+    @can_return_tuple
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """As `CLIPModel.get_text_features`: the text tower's output over all positions, with `pooler_output` projected
+        by `text_projection` (the global text embedding `(T, D)`, not normalised). `get_text_embeds` gives the same
+        embeddings faster."""
+        text_outputs = self.text_model(input_ids, attention_mask, return_dict=True, **kwargs)
+        text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
+        return text_outputs
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """Global image embeddings `(B, D)`, not normalised: the class token projected by `visual_projection`.
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """As `CLIPModel.get_image_features`: the vision tower's output with `pooler_output` projected by
+        `visual_projection` (the global image embedding `(B, D)`, not normalised).
 
         `interpolate_pos_encoding=True` takes images of other sizes (position embeddings resized bicubically)."""
-        return self.visual_projection(self.vision_model(pixel_values, interpolate_pos_encoding).pooler_output)
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
+        vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
+        return vision_outputs
+
+    def get_text_embeds(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Global text embeddings `(T, D)`, not normalised (`get_text_features(...).pooler_output`), each text computed
+        only up to its end-of-text token: exact under the causal mask, and what FLAIR's captions make fast."""
+        return self.text_projection(self.text_model.pooled_output(input_ids, attention_mask))
+
+    def get_image_embeds(self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Global image embeddings `(B, D)`, not normalised (`get_image_features(...).pooler_output`)."""
+        return self.get_image_features(pixel_values, interpolate_pos_encoding, return_dict=True).pooler_output
 
     def get_image_token_features(self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Projected patch tokens `(B, L, D)` (post-LayerNorm applied to each), the keys/values of the pooling head."""
@@ -527,7 +581,7 @@ class FlairModel(FlairPreTrainedModel):
         self, pixel_values: torch.FloatTensor, interpolate_pos_encoding: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Global image embeddings `(B, D)` and projected patch tokens `(B, L, D)` from one pass of the vision tower."""
-        hidden = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
+        hidden = self.vision_model(pixel_values, interpolate_pos_encoding, return_dict=True).last_hidden_state
         return self.visual_projection(hidden[:, 0]), self.visual_projection(hidden[:, 1:])
 
     def get_text_conditioned_image_features(
@@ -544,11 +598,11 @@ class FlairModel(FlairPreTrainedModel):
         """
         The pooling head for every (image, text) pair: `(B, T, D)`, not normalised.
 
-        Give either `text_embeds` `(T, D)` (from `get_text_features`) or `input_ids`, and either
+        Give either `text_embeds` `(T, D)` (from `get_text_embeds`) or `input_ids`, and either
         `image_token_embeds` `(B, L, D)` (from `get_image_token_features`) or `pixel_values`. Pairs are computed in
         chunks of `image_chunk_size` images x `text_chunk_size` texts, so memory is bounded for large `B x T`.
         """
-        text_embeds = self._resolve(text_embeds, input_ids, "text_embeds", "input_ids", self.get_text_features, attention_mask)
+        text_embeds = self._resolve(text_embeds, input_ids, "text_embeds", "input_ids", self.get_text_embeds, attention_mask)
         image_token_embeds = self._resolve(
             image_token_embeds, pixel_values, "image_token_embeds", "pixel_values", self.get_image_token_features
         )
@@ -560,17 +614,12 @@ class FlairModel(FlairPreTrainedModel):
             rows.append(torch.cat([pooling.attend(q, keys, values)[0] for q in queries.split(text_chunk_size, dim=1)], dim=1))
         return torch.cat(rows, dim=0)
 
-    def _single_tower_output(self, input_ids, pixel_values, attention_mask, interpolate_pos_encoding) -> FlairOutput:
-        if pixel_values is not None:
-            vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding)
-            return FlairOutput(
-                image_embeds=F.normalize(self.visual_projection(vision_outputs.pooler_output), dim=-1),
-                image_token_embeds=self.visual_projection(vision_outputs.last_hidden_state[:, 1:]),
-                vision_model_output=vision_outputs,
-            )
-        text_outputs = self.text_model(input_ids, attention_mask)
-        text_embeds = F.normalize(self.text_projection(text_outputs.pooler_output), dim=-1)
-        return FlairOutput(text_embeds=text_embeds, text_model_output=text_outputs)
+    def _text_outputs(self, input_ids, attention_mask, flags: dict[str, bool]) -> BaseModelOutputWithPooling:
+        """The text tower's output: over all positions when hidden states or attentions are asked for, else only
+        `pooler_output`, each text run up to its end-of-text token."""
+        if any(flags.values()):
+            return self.text_model(input_ids, attention_mask, return_dict=True, **flags)
+        return BaseModelOutputWithPooling(pooler_output=self.text_model.pooled_output(input_ids, attention_mask))
 
     def _get_processor(self):
         """The processor saved with this model (loaded once), for the methods that take strings and images."""
@@ -581,7 +630,7 @@ class FlairModel(FlairPreTrainedModel):
             if not self.config._name_or_path:
                 raise ValueError(
                     "encode_text / encode_image / score load the processor saved with the model: load the model with "
-                    "from_pretrained, or use get_text_features / get_image_features with a FlairProcessor's outputs"
+                    "from_pretrained, or use get_text_embeds / get_image_embeds with a FlairProcessor's outputs"
                 )
             source = self.config._name_or_path  # the classes themselves, not Auto classes: no code from elsewhere runs
             processor = FlairProcessor(FlairImageProcessor.from_pretrained(source), FlairTokenizer.from_pretrained(source))
@@ -602,7 +651,7 @@ class FlairModel(FlairPreTrainedModel):
         processor = self._get_processor()
 
         def encode(batch):
-            return self.get_text_features(processor(text=batch)["input_ids"].to(self.device))
+            return self.get_text_embeds(processor(text=batch)["input_ids"].to(self.device))
 
         return self._batched(texts, batch_size, encode, "encoding texts", show_progress_bar)
 
@@ -613,7 +662,7 @@ class FlairModel(FlairPreTrainedModel):
         processor = self._get_processor()
 
         def encode(batch):
-            return self.get_image_features(processor(images=batch)["pixel_values"].to(self.device, self.dtype))
+            return self.get_image_embeds(processor(images=batch)["pixel_values"].to(self.device, self.dtype))
 
         return self._batched(images, batch_size, encode, "encoding images", show_progress_bar)
 
@@ -645,7 +694,7 @@ class FlairModel(FlairPreTrainedModel):
         self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """FLAIR logits `(logits_per_image (B, T), logits_per_text (T, B))`, with `logit_bias`, as the original."""
-        text_embeds = self.get_text_features(input_ids, attention_mask)
+        text_embeds = self.get_text_embeds(input_ids, attention_mask)
         pooled = self.get_text_conditioned_image_features(text_embeds, pixel_values=pixel_values)
         logits_per_image = self._flair_logits(pooled, text_embeds)
         return logits_per_image, logits_per_image.t()
@@ -654,32 +703,35 @@ class FlairModel(FlairPreTrainedModel):
         self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Global-to-global CLIP logits `(per_image (B, T), per_text (T, B))`, no bias, as the original."""
-        image_embeds = F.normalize(self.get_image_features(pixel_values), dim=-1)
-        text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask), dim=-1)
+        image_embeds = F.normalize(self.get_image_embeds(pixel_values), dim=-1)
+        text_embeds = F.normalize(self.get_text_embeds(input_ids, attention_mask), dim=-1)
         logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()
         return logits_per_image, logits_per_image.t()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        return_dict: bool | None = None,
         return_loss: bool = False,
         captions_per_image: int | None = None,
         add_mps_loss: bool = True,
         loss_across_ranks: bool = True,
         interpolate_pos_encoding: bool = False,
-    ) -> FlairOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> FlairOutput:
         r"""
         Score `B` images against `T` texts both ways. `input_ids` `(T, 77)`, `pixel_values` `(B, 3, 224, 224)`.
-        With `output_attentions=True` the pooling head's weights are returned as `pooling_attentions`.
+        `output_hidden_states` / `output_attentions` add the towers' hidden states / attentions to
+        `text_model_output` and `vision_model_output` as CLIP's; `output_attentions` also returns the pooling head's
+        weights as `pooling_attentions`. `return_dict=False` gives a tuple in `CLIPOutput`'s order.
 
         With `return_loss=True` (training), `T = B * captions_per_image` and caption `k` of image `i` is row
         `i * K + k`; the output holds the FLAIR loss (text-conditioned sigmoid loss, plus the multi-positive sigmoid
         loss if `add_mps_loss`; other ranks' texts are extra negatives when torch.distributed is initialised and
-        `loss_across_ranks`). `interpolate_pos_encoding=True` takes images of other sizes than the model's.
+        `loss_across_ranks`) and the normalised embeddings. `interpolate_pos_encoding=True` takes images of other
+        sizes than the model's.
 
         With only `pixel_values` (as the image-feature-extraction pipeline calls it), the output holds the normalised
         global `image_embeds` (first), the projected patch tokens `image_token_embeds` and the vision tower's output;
@@ -688,50 +740,48 @@ class FlairModel(FlairPreTrainedModel):
         for name, batch, what in (("input_ids", input_ids, "texts (e.g. candidate_labels=[])"), ("pixel_values", pixel_values, "images")):
             if batch is not None and batch.shape[0] == 0:
                 raise ValueError(f"FlairModel got 0 {what} in {name}: pass at least one")
-        if input_ids is None or pixel_values is None:
-            if return_loss or (input_ids is None and pixel_values is None):
-                raise ValueError("FlairModel needs input_ids and pixel_values (one of them for single-tower embeddings)")
-            output = self._single_tower_output(input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
-            return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+        if input_ids is None and pixel_values is None or return_loss and (input_ids is None or pixel_values is None):
+            raise ValueError("FlairModel needs input_ids and pixel_values (one of them for single-tower embeddings)")
         if return_loss and captions_per_image is None:
             raise ValueError("return_loss=True needs captions_per_image")
-        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding)
-        image_embeds = self.visual_projection(vision_outputs.pooler_output)
-        image_token_embeds = self.visual_projection(vision_outputs.last_hidden_state[:, 1:])
+        flags = _output_flags(self.config, kwargs)
+        fields = {}  # FlairOutput orders them as its fields
+        if pixel_values is not None:
+            vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding, return_dict=True, **flags)
+            image_embeds = self.visual_projection(vision_outputs.pooler_output)
+            image_token_embeds = self.visual_projection(vision_outputs.last_hidden_state[:, 1:])
+            fields.update(image_embeds=F.normalize(image_embeds, dim=-1), vision_model_output=vision_outputs)
+        if input_ids is not None:
+            text_outputs = self._text_outputs(input_ids, attention_mask, flags)
+            text_embeds = self.text_projection(text_outputs.pooler_output)
+            fields.update(text_embeds=F.normalize(text_embeds, dim=-1), text_model_output=text_outputs)
+        if input_ids is None:
+            return FlairOutput(**fields, image_token_embeds=image_token_embeds)
+        if pixel_values is None:
+            return FlairOutput(**fields)
         if return_loss:
-            text_embeds = self.get_text_features(input_ids, attention_mask)
             loss_function = distributed_flair_loss if loss_across_ranks else flair_loss
             loss = loss_function(
                 self.text_conditioned_pooling, image_embeds, image_token_embeds, text_embeds,
                 self.logit_scale.exp(), self.logit_bias, captions_per_image, add_mps_loss=add_mps_loss,
             )  # fmt: skip
-            output = FlairOutput(loss=loss, text_embeds=text_embeds, image_embeds=image_embeds)
-            return output if return_dict is not False else output.to_tuple()
-        text_outputs = self.text_model(input_ids, attention_mask)
-        text_embeds = self.text_projection(text_outputs.pooler_output)
-        if output_attentions:
-            pooled, pooling_attentions = self.text_conditioned_pooling(text_embeds, image_token_embeds, True)
+            return FlairOutput(loss=loss, **fields)
+        if flags["output_attentions"]:
+            pooled, fields["pooling_attentions"] = self.text_conditioned_pooling(text_embeds, image_token_embeds, True)
         else:
-            pooled, pooling_attentions = self.get_text_conditioned_image_features(text_embeds, image_token_embeds), None
-
+            pooled = self.get_text_conditioned_image_features(text_embeds, image_token_embeds)
         logits_per_image = self._flair_logits(pooled, text_embeds)
-        image_embeds, text_embeds = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
-        logits_per_image_as_clip = self.logit_scale.exp() * image_embeds @ text_embeds.t()
+        logits_as_clip = self.logit_scale.exp() * fields["image_embeds"] @ fields["text_embeds"].t()
         if self.config.zero_shot_logits == "clip":  # what pipelines read as `logits_per_image`
-            logits_per_image = logits_per_image_as_clip
-        output = FlairOutput(
+            logits_per_image = logits_as_clip
+        return FlairOutput(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.t(),
-            logits_per_image_as_clip=logits_per_image_as_clip,
-            logits_per_text_as_clip=logits_per_image_as_clip.t(),
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
+            logits_per_image_as_clip=logits_as_clip,
+            logits_per_text_as_clip=logits_as_clip.t(),
             text_conditioned_image_embeds=F.normalize(pooled, dim=-1),
-            pooling_attentions=pooling_attentions,
-            text_model_output=text_outputs,
-            vision_model_output=vision_outputs,
+            **fields,
         )
-        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
 
 
 __all__ = ["FlairModel", "FlairPreTrainedModel", "FlairTextModel", "FlairVisionModel", "FlairOutput"]

@@ -46,7 +46,7 @@ def class_query_embeddings(model, tokenizer, classes: list[list[str]], templates
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=f"encoding {len(prompts):,} class prompts", unit="batch", disable=not progress):
         ids = tokenizer(prompts[start : start + batch_size], padding="max_length", max_length=77, return_tensors="pt")
-        embeddings.append(F.normalize(model.get_text_features(ids["input_ids"].to(device)).float(), dim=-1))
+        embeddings.append(F.normalize(model.get_text_embeds(ids["input_ids"].to(device)).float(), dim=-1))
     per_template = torch.cat(embeddings).view(len(queries), len(templates), -1)
     query_to_class = torch.tensor([index for index, _ in queries])
     return F.normalize(per_template.mean(dim=1), dim=-1), query_to_class
