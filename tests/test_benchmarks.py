@@ -36,3 +36,14 @@ def test_scoring_benchmark_reports_both_rates_and_equal_scores(tmp_path):
     assert report["flops_per_pair_executed"] < report["flops_per_pair_original"] == 2 * 197 * 512 * 2 + 2 * 512 * 512
     assert report["matmul_peak_gflops"] == max(report["matmul_peak_gflops_measured"])
     assert abs(report["fraction_of_matmul_peak"] - report["fast_gflops"] / report["matmul_peak_gflops"]) < 1e-12
+
+
+def test_inference_benchmark_compares_model_call_with_the_original_get_logits(tmp_path):
+    output = tmp_path / "inference.json"
+    run_benchmark("benchmark_inference.py", "--model-size", "tiny", "--rounds", "1", "--images", "2", "--texts", "6", "--output", str(output))
+    report = json.loads(output.read_text())
+    for lengths, (low, high) in (("flair", (15, 77)), ("full", (77, 77))):
+        row = report["inference"][lengths]
+        assert low <= row["mean_caption_tokens"] <= high
+        assert row["max_logit_difference"] <= 1e-5
+        assert row["speed_ours_over_original"] == row["seconds"]["original"] / row["seconds"]["ours"]

@@ -100,6 +100,12 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
     weights = torch.randn(fast.shape, generator=generator)
     grads = [torch.autograd.grad((out * weights).sum(), model.text_model.embeddings.token_embedding.weight)[0] for out in (fast, full)]
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)  # summed over rows in another order
+    holed = mask.clone()
+    holed[1, 10] = holed[3, 2] = 0  # masked positions before the end-of-text token do change the embedding
+    with torch.no_grad():
+        full = model.text_projection(model.text_model(ids, holed).pooler_output)
+        torch.testing.assert_close(model.get_text_embeds(ids, holed), full, atol=1e-6, rtol=1e-5)
+        assert (model.get_text_embeds(ids) - full)[[1, 3]].abs().max() > 1e-3
 
 
 def test_traced_or_exported_text_features_do_not_bake_in_example_lengths(tiny_model):

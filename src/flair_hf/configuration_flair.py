@@ -17,7 +17,7 @@ class FlairTextConfig(PreTrainedConfig):
     Text tower of FLAIR: a causal CLIP text transformer (exact GELU, pre-LayerNorm), pooled at the end-of-text token.
     Defaults are those of the released ViT-B-16-FLAIR models.
 
-    `length_groups` (defaults to 4): embeddings alone (`get_text_embeds`, training) compute each text only up to
+    `length_groups` (defaults to 8): embeddings alone (`get_text_embeds`, training) compute each text only up to
     its end-of-text token, exactly (later positions cannot reach it under the causal mask), in at most this many
     groups of similar length, each cut at its longest text; 1 cuts the whole batch at its longest text.
     """
@@ -40,7 +40,7 @@ class FlairTextConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
     bos_token_id: int | None = 49406
     eos_token_id: int | list[int] | None = 49407
-    length_groups: int = 4
+    length_groups: int = 8
 
     def validate_architecture(self):
         if self.length_groups < 1:

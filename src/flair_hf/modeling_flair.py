@@ -394,12 +394,16 @@ class FlairTextModel(FlairPreTrainedModel):
         """`pooler_output` alone, each text computed only up to its end-of-text token (all that reaches it under the
         causal mask): texts sorted by length into `min(config.length_groups, T)` groups, each cut at its longest.
 
-        The number of tower calls depends only on `T`, never on the lengths, so ranks of a sharded (FSDP) run that
-        hold equally many texts issue the same collectives. Traced or compiled, the full-length pass runs instead, so
-        that no example's lengths are baked into the graph."""
+        A padding mask that keeps every position up to each end-of-text token cannot change the result, so it is
+        dropped (the kernels then take the causal flag alone). The number of tower calls depends only on `T`, never
+        on the lengths, so ranks of a sharded (FSDP) run that hold equally many texts issue the same collectives.
+        Traced or compiled, the full-length pass runs instead, so that no example's lengths are baked into the graph."""
         if input_ids.shape[0] == 0 or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self(input_ids, attention_mask, return_dict=True).pooler_output
         ends = input_ids.argmax(dim=-1)
+        if attention_mask is not None:
+            reaching = torch.arange(input_ids.shape[1], device=ends.device)[None] <= ends[:, None]
+            attention_mask = None if bool(attention_mask.to(ends.device).bool()[reaching].all()) else attention_mask
         order = ends.argsort()
         groups = order.tensor_split(min(self.config.length_groups, len(order)))
         pooled = []

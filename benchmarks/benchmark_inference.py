@@ -1,0 +1,99 @@
+"""Inference, `model(**inputs)` of FlairModel side by side with the original's `get_logits`, same weights, one process.
+
+    python benchmarks/benchmark_inference.py [--model-size vit-b-16|tiny] [--images 8] [--texts 32] [--rounds 5]
+        [--output benchmarks/results/inference-cpu.json]
+
+The baseline is the original's `get_logits` as its code computes it, on `OriginalFlair` from
+`conversion/original_forward.py` (open_clip towers with fused `in_proj` attention over all 77 text positions, every
+text broadcast to every image and pooled by `nn.MultiheadAttention(add_zero_attn=True)`). Ours is
+`model(input_ids=..., pixel_values=..., attention_mask=...)` as a processor's output feeds it. Both run under
+`torch.no_grad()` in interleaved rounds after a warm-up whose logits must agree within `--tolerance`. Captions are
+`flair` lengths (1-3 sentences of 12-28 tokens) and `full` (77 tokens). Prints the numbers and writes JSON.
+"""
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from benchmark_training import SIZES, caption_ids, original_and_ours
+from reporting import write_json
+
+
+def original_get_logits(original, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """The original's `get_logits`: `(B, T)` FLAIR logits with every text pooled against every image."""
+    image_features, image_tokens = original.encode_image(pixels)
+    text = original.encode_text(ids).unsqueeze(0).expand(pixels.shape[0], -1, -1)  # (B, T, D)
+    pooled = original.visual_proj(text, image_tokens)
+    cosines = torch.einsum("bij,bij->bi", F.normalize(pooled, dim=-1), F.normalize(text, dim=-1))
+    return original.logit_scale.exp() * cosines + original.logit_bias
+
+
+def attention_mask_of(ids: torch.Tensor) -> torch.Tensor:
+    """The processor's mask: ones up to and including each end-of-text token."""
+    return (torch.arange(ids.shape[1]) <= ids.argmax(-1, keepdim=True)).long()
+
+
+@torch.no_grad()
+def compare(original, ours, pixels: torch.Tensor, ids: torch.Tensor, rounds: int, tolerance: float) -> dict:
+    """Median seconds per call of both over interleaved rounds; the warm-up logits must agree within `tolerance`."""
+    mask = attention_mask_of(ids)
+    calls = {
+        "original": lambda: original_get_logits(original, ids, pixels),
+        "ours": lambda: ours(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits_per_image,
+    }
+    times, first = {name: [] for name in calls}, {}
+    for round_ in range(rounds + 1):
+        for name in list(calls)[:: 1 if round_ % 2 else -1]:  # alternate who goes first
+            start = time.perf_counter()
+            logits = calls[name]()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+            else:
+                first[name] = logits
+    difference = (first["original"] - first["ours"]).abs().max().item()
+    if difference > tolerance:
+        raise RuntimeError(f"the two formulations disagree: max logit difference {difference:.2e} > {tolerance:.0e}")
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "seconds": medians,
+        "speed_ours_over_original": medians["original"] / medians["ours"],
+        "max_logit_difference": difference,
+        "mean_caption_tokens": float((ids.argmax(-1) + 1).float().mean()),
+        "rounds": rounds,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-size", choices=sorted(SIZES), default="vit-b-16", help="default: %(default)s")
+    parser.add_argument("--images", type=int, default=8, help="default: %(default)s")
+    parser.add_argument("--texts", type=int, default=32, help="default: %(default)s")
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls of each (default: %(default)s)")
+    parser.add_argument("--tolerance", type=float, default=1e-5, help="max logit difference (default: %(default)s)")
+    parser.add_argument("--output", default="benchmarks/results/inference-cpu.json", help="default: %(default)s")
+    args = parser.parse_args(argv)
+    original, ours = original_and_ours(args.model_size)
+    original.eval(), ours.eval()
+    size = ours.config.vision_config.image_size
+    pixels = torch.randn(args.images, 3, size, size, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for lengths in ("flair", "full"):
+        row = results[lengths] = compare(original, ours, pixels, caption_ids(args.texts, lengths), args.rounds, args.tolerance)
+        print(f"{lengths} captions ({row['mean_caption_tokens']:.0f} tokens on average), {args.images} images x "
+              f"{args.texts} texts: original {row['seconds']['original']:.3f} s, ours {row['seconds']['ours']:.3f} s "
+              f"-> {row['speed_ours_over_original']:.2f}x; max logit difference {row['max_logit_difference']:.1e}")  # fmt: skip
+    report = {
+        "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "model_size": args.model_size, "images": args.images, "texts": args.texts,
+        "attn_implementation": ours.config._attn_implementation, "inference": results,
+    }  # fmt: skip
+    write_json(report, args.output)
+    print(f"wrote {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
