@@ -14,7 +14,6 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTokenizer

@@ -57,6 +57,13 @@ def tiny_model(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_scorer(tiny_dir, tiny_model):
+    from flair_hf import FlairProcessor, FlairScorer
+
+    return FlairScorer(tiny_model, FlairProcessor.from_pretrained(tiny_dir))
+
+
+@pytest.fixture(scope="session")
 def full_size_checkpoint(tmp_path_factory):
     """The manifest recipe's seed-1000 weights written as an original open_clip `.pt` (bare state dict)."""
     path = tmp_path_factory.mktemp("full") / "vit-b-16-flair-seed1000.pt"

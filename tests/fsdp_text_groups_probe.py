@@ -1,5 +1,6 @@
 """Run under `torch.distributed.run` (gloo, CPU, float64): FSDP2 gradients of the FLAIR loss when the text tower runs
-in several length groups per forward (`text_config.length_groups`), with caption lengths that differ across ranks.
+in several length groups per forward (`text_config.length_groups`), with caption lengths that differ across ranks;
+then text embeddings of different numbers of texts per rank (fewer than the groups on one), as evaluation shards them.
 
 Also importable: `build_model` and `batch_for_rank` give the single-process reference the same model and data.
 Usage: `fsdp_text_groups_probe.py OUTPUT_FILE`; rank 0 writes the full gradients and the per-rank losses.
@@ -38,6 +39,11 @@ def batch_for_rank(rank: int):
     return torch.randn(B, 3, 32, 32, generator=generator, dtype=torch.float64), ids
 
 
+def texts_for_rank(rank: int) -> torch.Tensor:
+    """5 captions on rank 0, 1 on rank 1 (fewer than the 3 length groups)."""
+    return batch_for_rank(rank)[1][: 5 if rank == 0 else 1]
+
+
 def rank_loss(model, rank: int):
     pixels, ids = batch_for_rank(rank)
     torch.manual_seed(100 + rank)  # the loss samples its negatives from the global generator
@@ -60,8 +66,12 @@ def main(output: str) -> None:
     gradients = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
     losses = [torch.zeros((), dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(losses, loss.detach())
+    with torch.no_grad():  # a text-only forward (FSDP2 unshards the root's parameters in forward)
+        embeds = model(input_ids=texts_for_rank(rank)).text_embeds
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, embeds)
     if rank == 0:
-        torch.save({"gradients": gradients, "losses": torch.stack(losses)}, output)
+        torch.save({"gradients": gradients, "losses": torch.stack(losses), "text_embeds": gathered}, output)
     dist.destroy_process_group()
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import FIXTURES, ROOT
+from flair_hf import FlairScorer
 
 spec = importlib.util.spec_from_file_location("demo_app", ROOT / "demo" / "app.py")
 app = importlib.util.module_from_spec(spec)
@@ -110,13 +111,13 @@ def screenshot(driver, name, tmp_path):
 
 
 def test_captions_tab_shows_score_logits_and_heatmaps(served, browser, tmp_path):
-    url, model, _ = served
+    url, model, processor = served
     open_tab(browser, url, "Captions")
     upload(browser, "captions", IMAGE)
     type_lines(browser, "#captions-text textarea", CAPTIONS)
     find(browser, "#captions-run").click()
     shown = {caption: (float(flair), float(sigmoid), float(clip)) for caption, flair, sigmoid, clip in rows(browser, "caption-scores")}
-    expected = model.score(str(IMAGE), CAPTIONS)
+    expected = FlairScorer(model, processor).score(str(IMAGE), CAPTIONS)
     assert set(shown) == set(CAPTIONS)
     for index, caption in enumerate(CAPTIONS):
         assert shown[caption][0] == pytest.approx(expected["logits"][0, index].item(), abs=1e-4)
@@ -168,7 +169,7 @@ def test_segment_tab_shows_a_mask_and_a_legend(served, browser, tmp_path):
 
 
 def test_search_tab_reranks_a_folder_by_flair(served, browser, tmp_path):
-    url, model, _ = served
+    url, model, processor = served
     open_tab(browser, url, "Search")
     find(browser, "#search-folder textarea, #search-folder input").send_keys(str(FIXTURES / "images"))
     find(browser, "#search-text textarea, #search-text input").send_keys("a small white puppy")
@@ -176,7 +177,7 @@ def test_search_tab_reranks_a_folder_by_flair(served, browser, tmp_path):
     shown = rows(browser, "search-results")
     assert len(shown) == min(8, len([p for p in (FIXTURES / "images").iterdir() if p.suffix.lower() in app.IMAGE_SUFFIXES]))
     for name, flair, _ in shown:
-        expected = model.score(str(FIXTURES / "images" / name), ["a small white puppy"])["logits"][0, 0].item()
+        expected = FlairScorer(model, processor).score(str(FIXTURES / "images" / name), ["a small white puppy"])["logits"][0, 0].item()
         assert float(flair) == pytest.approx(expected, abs=1e-4), name
     assert [float(r[1]) for r in shown] == sorted((float(r[1]) for r in shown), reverse=True)
     find(browser, "#search-maps img")

@@ -76,13 +76,13 @@ print(json.dumps(extractor({image!r})))
 """
 
 
-def test_image_feature_extraction_pipeline_gives_the_global_embedding(tiny_dir, tiny_model, tmp_path):
+def test_image_feature_extraction_pipeline_gives_the_global_embedding(tiny_dir, tiny_scorer, tmp_path):
     from transformers import pipeline
 
     import flair_hf  # noqa: F401
 
     image = str(FIXTURES / "images" / "puppy.jpg")
-    expected = tiny_model.encode_image(image)
+    expected = tiny_scorer.encode_image(image)
     features = pipeline("image-feature-extraction", model=str(tiny_dir))(image, return_tensors=True)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
     code = FEATURES_REMOTE.format(tests=str(ROOT / "tests"), model=str(tiny_dir), image=image)
@@ -105,20 +105,30 @@ def test_single_tower_forward(tiny_model, tiny_reference):
         tiny_model(pixel_values=pixels, return_loss=True, captions_per_image=1)
 
 
-def test_zero_shot_pipeline_with_clip_style_logits(tiny_dir, tiny_model):
-    from transformers import pipeline
+def test_zero_shot_pipeline_with_global_scoring_model(tiny_dir, tiny_model):
+    from flair_hf import FlairModelForGlobalScoring, FlairProcessor
+    from readme_blocks import readme_python_block
 
-    import flair_hf  # noqa: F401
-    from flair_hf import FlairProcessor
-
-    classifier = pipeline("zero-shot-image-classification", model=str(tiny_dir), model_kwargs={"zero_shot_logits": "clip"})
-    result = classifier(str(FIXTURES / "images" / "puppy.jpg"), candidate_labels=LABELS)
+    code = readme_python_block("FlairModelForGlobalScoring").replace('"flair-cc3m-recap-hf"', repr(str(tiny_dir)))
+    scope = {}
+    exec(code.rsplit("\n", 2)[0], scope)  # the README's lines, up to the call
+    result = scope["classifier"](str(FIXTURES / "images" / "puppy.jpg"), candidate_labels=LABELS)
     inputs = FlairProcessor.from_pretrained(tiny_dir)(
         text=[f"This is a photo of {label}." for label in LABELS], images=Image.open(FIXTURES / "images" / "puppy.jpg")
     )
     with torch.no_grad():
-        expected = tiny_model(**inputs).logits_per_image_as_clip[0].softmax(-1)
+        output = tiny_model(**inputs)
+        expected = output.logits_per_image_as_clip[0].softmax(-1)
+        global_output = FlairModelForGlobalScoring.from_pretrained(tiny_dir).eval()(**inputs)
     assert {r["label"]: r["score"] for r in result} == pytest.approx(dict(zip(LABELS, expected.tolist())), abs=1e-5)
-    assert tiny_model.config.zero_shot_logits == "flair"  # the option lives in the pipeline's own model
-    with pytest.raises(Exception, match="zero_shot_logits must be .flair. or .clip."):
-        flair_hf.FlairConfig(zero_shot_logits="sigmoid")
+    torch.testing.assert_close(global_output.logits_per_image, output.logits_per_image_as_clip, atol=1e-6, rtol=0)
+    torch.testing.assert_close(global_output.logits_per_text, output.logits_per_text_as_clip, atol=1e-6, rtol=0)
+    assert not torch.allclose(output.logits_per_image, output.logits_per_image_as_clip)  # the two differ
+
+
+def test_save_pretrained_leaves_the_model_config_alone(tiny_model, tmp_path):
+    before = tiny_model.config.to_dict()
+    tiny_model.save_pretrained(tmp_path / "saved")
+    assert tiny_model.config.to_dict() == before
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_flair.FlairModel"

@@ -24,14 +24,14 @@ print(json.dumps({{"texts": texts.tolist(), "images": images.tolist(), "similari
 """
 
 
-def test_sentence_transformer_embeds_texts_and_images(tiny_dir, tiny_model, tmp_path):
+def test_sentence_transformer_embeds_texts_and_images(tiny_dir, tiny_scorer, tmp_path):
     image = str(FIXTURES / "images" / "puppy.jpg")
     code = CODE.format(tests=str(ROOT / "tests"), model=str(tiny_dir), texts=TEXTS, image=image)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    texts, images = tiny_model.encode_text(TEXTS), tiny_model.encode_image(image)
+    texts, images = tiny_scorer.encode_text(TEXTS), tiny_scorer.encode_image(image)
     torch.testing.assert_close(torch.tensor(out["texts"]), texts, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(out["images"]), images, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(out["similarity"]), images @ texts.t(), atol=1e-5, rtol=0)  # CLIP-style cosine

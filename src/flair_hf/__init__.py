@@ -14,8 +14,9 @@ from transformers import (
 )
 
 from .configuration_flair import FlairConfig, FlairTextConfig, FlairVisionConfig
-from .modeling_flair import FlairModel, FlairOutput, FlairPreTrainedModel
+from .modeling_flair import FlairModel, FlairModelForGlobalScoring, FlairOutput, FlairPreTrainedModel
 from .processing_flair import FlairImageProcessor, FlairProcessor, FlairTokenizer, clean_caption
+from .scorer import FlairScorer
 
 __version__ = "0.1.0"
 
@@ -37,7 +38,9 @@ __all__ = [
     "FlairTextConfig",
     "FlairVisionConfig",
     "FlairModel",
+    "FlairModelForGlobalScoring",
     "FlairOutput",
+    "FlairScorer",
     "FlairPreTrainedModel",
     "FlairImageProcessor",
     "FlairProcessor",

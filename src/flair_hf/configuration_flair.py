@@ -90,9 +90,6 @@ class FlairConfig(PreTrainedConfig):
         pooling_num_attention_heads (`int`, defaults to 8): heads of the text-conditioned pooling head.
         logit_scale_init_value (`float`, defaults to ln(1/0.07)): initial value of `logit_scale` (log temperature).
         logit_bias_init_value (`float`, defaults to -10): initial value of the sigmoid loss bias `logit_bias`.
-        zero_shot_logits (`str`, defaults to `"flair"`): which logits `forward` returns as `logits_per_image`, the
-            field transformers pipelines read: `"flair"` (text-conditioned) or `"clip"` (global, CLIP-style). E.g.
-            `pipeline(..., model_kwargs={"zero_shot_logits": "clip"})`.
     """
 
     model_type = "flair"
@@ -105,12 +102,9 @@ class FlairConfig(PreTrainedConfig):
     logit_scale_init_value: float = math.log(1 / 0.07)
     logit_bias_init_value: float = -10.0
     initializer_factor: float = 1.0
-    zero_shot_logits: str = "flair"
 
     def validate_architecture(self):
         _check_multiple("projection_dim", self.projection_dim, "pooling_num_attention_heads", self.pooling_num_attention_heads)
-        if self.zero_shot_logits not in ("flair", "clip"):
-            raise ValueError(f"zero_shot_logits must be 'flair' or 'clip', got {self.zero_shot_logits!r}")
 
 
 __all__ = ["FlairConfig", "FlairTextConfig", "FlairVisionConfig"]

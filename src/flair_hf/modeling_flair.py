@@ -37,7 +37,7 @@ class FlairOutput(ModelOutput):
 
     loss (with `return_loss=True`): the FLAIR training loss (see `flair_hf.loss`); the logits are then not computed.
     logits_per_image (`(B, T)`): FLAIR logits, `exp(logit_scale) * cos(pool(text_j | image_i), text_j) + logit_bias`
-        (the CLIP-style ones instead when `config.zero_shot_logits == "clip"`).
+        (the CLIP-style ones in [`FlairModelForGlobalScoring`]).
     logits_per_text (`(T, B)`): the transpose of `logits_per_image`.
     text_embeds (`(T, D)`): normalised global text embeddings.
     image_embeds (`(B, D)`): normalised global image embeddings.
@@ -181,7 +181,7 @@ class FlairAttention(nn.Module):
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+        hidden_shape = (*input_shape, self.num_heads, self.head_dim)
         queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -395,22 +395,29 @@ class FlairTextModel(FlairPreTrainedModel):
         causal mask): texts sorted by length into `min(config.length_groups, T)` groups, each cut at its longest.
 
         A padding mask that keeps every position up to each end-of-text token cannot change the result, so it is
-        dropped (the kernels then take the causal flag alone). The number of tower calls depends only on `T`, never
-        on the lengths, so ranks of a sharded (FSDP) run that hold equally many texts issue the same collectives.
-        Traced or compiled, the full-length pass runs instead, so that no example's lengths are baked into the graph."""
-        if input_ids.shape[0] == 0 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        dropped (the kernels then take the causal flag alone). When torch.distributed is initialised, exactly
+        `config.length_groups` tower calls run (some may be empty), whatever `T` and the lengths, so ranks of a
+        sharded (FSDP) run issue the same collectives. Traced or compiled, the full-length pass runs instead, so that
+        no example's lengths are baked into the graph."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or (input_ids.shape[0] == 0 and not distributed):
             return self(input_ids, attention_mask, return_dict=True).pooler_output
         ends = input_ids.argmax(dim=-1)
         if attention_mask is not None:
             reaching = torch.arange(input_ids.shape[1], device=ends.device)[None] <= ends[:, None]
             attention_mask = None if bool(attention_mask.to(ends.device).bool()[reaching].all()) else attention_mask
         order = ends.argsort()
-        groups = order.tensor_split(min(self.config.length_groups, len(order)))
+        groups = order.tensor_split(self.config.length_groups if distributed else min(self.config.length_groups, len(order)))
         pooled = []
         for group in groups:
+            if len(group) == 0:  # a rank with fewer texts than groups: a one-token call, discarded, keeps step
+                self(input_ids.new_zeros(1, 1), return_dict=True)
+                continue
             cut = int(ends[group].max()) + 1
             mask = attention_mask[group, :cut] if attention_mask is not None else None
             pooled.append(self(input_ids[group, :cut], mask, return_dict=True).pooler_output)
+        if not pooled:
+            return self.final_layer_norm.weight.new_zeros(0, self.config.hidden_size)
         return torch.cat(pooled)[order.argsort()]
 
 
@@ -538,12 +545,20 @@ class FlairModel(FlairPreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`; when it writes remote code, `auto_map` also names this class for
-        `AutoModelForZeroShotImageClassification`, so `pipeline("zero-shot-image-classification")` finds it."""
-        if self._auto_class is not None:
-            entry = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
-            auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            self.config.auto_map = {**auto_map, "AutoModelForZeroShotImageClassification": entry}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        `AutoModelForZeroShotImageClassification`, so `pipeline("zero-shot-image-classification")` finds it. The
+        model's own config is left as it was."""
+        if self._auto_class is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        had_auto_map, auto_map = hasattr(self.config, "auto_map"), getattr(self.config, "auto_map", None)
+        entry = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        self.config.auto_map = {**(auto_map or {}), "AutoModelForZeroShotImageClassification": entry}
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if had_auto_map:
+                self.config.auto_map = auto_map
+            else:
+                del self.config.auto_map
 
     @can_return_tuple
     def get_text_features(
@@ -624,64 +639,6 @@ class FlairModel(FlairPreTrainedModel):
         if any(flags.values()):
             return self.text_model(input_ids, attention_mask, return_dict=True, **flags)
         return BaseModelOutputWithPooling(pooler_output=self.text_model.pooled_output(input_ids, attention_mask))
-
-    def _get_processor(self):
-        """The processor saved with this model (loaded once), for the methods that take strings and images."""
-        processor = getattr(self, "_flair_processor", None)
-        if processor is None:
-            from .processing_flair import FlairImageProcessor, FlairProcessor, FlairTokenizer
-
-            if not self.config._name_or_path:
-                raise ValueError(
-                    "encode_text / encode_image / score load the processor saved with the model: load the model with "
-                    "from_pretrained, or use get_text_embeds / get_image_embeds with a FlairProcessor's outputs"
-                )
-            source = self.config._name_or_path  # the classes themselves, not Auto classes: no code from elsewhere runs
-            processor = FlairProcessor(FlairImageProcessor.from_pretrained(source), FlairTokenizer.from_pretrained(source))
-            self._flair_processor = processor
-        return processor
-
-    def _batched(self, items, batch_size: int, encode, description: str, show_progress_bar: bool) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        items = list(items) if isinstance(items, (list, tuple)) else [items]
-        starts = tqdm(range(0, len(items), batch_size), desc=description, disable=not show_progress_bar)
-        chunks = [F.normalize(encode(items[start : start + batch_size]).float(), dim=-1) for start in starts]
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.projection_dim)
-
-    @torch.no_grad()
-    def encode_text(self, texts, batch_size: int = 256, show_progress_bar: bool = False) -> torch.Tensor:
-        """L2-normalised global embeddings `(T, D)` (float32) of a string or a list of strings."""
-        processor = self._get_processor()
-
-        def encode(batch):
-            return self.get_text_embeds(processor(text=batch)["input_ids"].to(self.device))
-
-        return self._batched(texts, batch_size, encode, "encoding texts", show_progress_bar)
-
-    @torch.no_grad()
-    def encode_image(self, images, batch_size: int = 64, show_progress_bar: bool = False) -> torch.Tensor:
-        """L2-normalised global embeddings `(B, D)` (float32) of one image or a list: PIL images, local file paths or
-        `(H, W, 3)` uint8 arrays (no URLs: download first)."""
-        processor = self._get_processor()
-
-        def encode(batch):
-            return self.get_image_embeds(processor(images=batch)["pixel_values"].to(self.device, self.dtype))
-
-        return self._batched(images, batch_size, encode, "encoding images", show_progress_bar)
-
-    @torch.no_grad()
-    def score(self, images, texts) -> dict[str, torch.Tensor]:
-        """FLAIR logits `(B, T)` of images (as `encode_image` takes them) against texts, with `probs` (softmax over the
-        texts, as the zero-shot pipeline) and `sigmoid_probs` (each pair on its own: FLAIR's training objective)."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not images or not texts:
-            raise ValueError(f"score() got {len(images)} images and {len(texts)} texts: pass at least one of each")
-        inputs = self._get_processor()(text=texts, images=images)
-        logits = self(input_ids=inputs["input_ids"].to(self.device), pixel_values=inputs["pixel_values"].to(self.device, self.dtype))
-        logits = logits.logits_per_image.float()
-        return {"logits": logits, "probs": logits.softmax(dim=-1), "sigmoid_probs": torch.sigmoid(logits)}
 
     @staticmethod
     def _resolve(features, inputs, features_name, inputs_name, encode, *encode_args):
@@ -776,8 +733,6 @@ class FlairModel(FlairPreTrainedModel):
             pooled = self.get_text_conditioned_image_features(text_embeds, image_token_embeds)
         logits_per_image = self._flair_logits(pooled, text_embeds)
         logits_as_clip = self.logit_scale.exp() * fields["image_embeds"] @ fields["text_embeds"].t()
-        if self.config.zero_shot_logits == "clip":  # what pipelines read as `logits_per_image`
-            logits_per_image = logits_as_clip
         return FlairOutput(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.t(),
@@ -788,4 +743,17 @@ class FlairModel(FlairPreTrainedModel):
         )
 
 
-__all__ = ["FlairModel", "FlairPreTrainedModel", "FlairTextModel", "FlairVisionModel", "FlairOutput"]
+class FlairModelForGlobalScoring(FlairModel):
+    """`FlairModel` whose `logits_per_image` / `logits_per_text` are the global, CLIP-style ones (what pipelines read),
+    e.g. `pipeline("zero-shot-image-classification", model=FlairModelForGlobalScoring.from_pretrained(path), ...)`.
+    Same weights and outputs otherwise; the FLAIR logits stay in the output as computed."""
+
+    @can_return_tuple
+    def forward(self, *args, **kwargs) -> FlairOutput:
+        output = super().forward(*args, **kwargs, return_dict=True)
+        if output.logits_per_image_as_clip is not None:
+            output.logits_per_image, output.logits_per_text = output.logits_per_image_as_clip, output.logits_per_text_as_clip
+        return output
+
+
+__all__ = ["FlairModel", "FlairModelForGlobalScoring", "FlairPreTrainedModel", "FlairTextModel", "FlairVisionModel", "FlairOutput"]
