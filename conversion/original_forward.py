@@ -152,3 +152,25 @@ def original_forward(tensors: dict, pixel_values: torch.Tensor, input_ids: torch
         "logits_per_image": scale * torch.einsum("btd,td->bt", F.normalize(pooled, dim=-1), text_normed) + bias,
         "logits_as_clip_per_image": scale * F.normalize(image_embeds, dim=-1) @ text_normed.t(),
     }
+
+
+def attention_pooling_of(pooling) -> AttentionPooling:
+    """`FlairTextConditionedPooling`'s weights in the original's pooling block (`visual_proj`): fused `in_proj`."""
+    block = AttentionPooling(pooling.embed_dim, pooling.num_heads)
+    block.load_state_dict({
+        "attn.in_proj_weight": torch.cat([pooling.q_proj.weight, pooling.k_proj.weight, pooling.v_proj.weight]),
+        "attn.in_proj_bias": torch.cat([pooling.q_proj.bias, pooling.k_proj.bias, pooling.v_proj.bias]),
+        "attn.out_proj.weight": pooling.out_proj.weight, "attn.out_proj.bias": pooling.out_proj.bias,
+        **{f"ln_{name}.{part}": getattr(getattr(pooling, f"{long}_layer_norm"), part)
+           for name, long in (("q", "query"), ("k", "key"), ("v", "value")) for part in ("weight", "bias")},
+    })  # fmt: skip
+    return block.to(pooling.q_proj.weight.device).eval()
+
+
+@torch.no_grad()
+def original_pair_scores(block: AttentionPooling, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor) -> torch.Tensor:
+    """FLAIR cosines `(B, T)` as the original's evaluation computes them: per image, one call of the pooling block
+    with all texts as queries (`need_weights=False`, its default), then the cosine with each text."""
+    texts = F.normalize(text_embeds, dim=-1)
+    rows = [(F.normalize(block(text_embeds[None], tokens[None])[0], dim=-1) * texts).sum(-1) for tokens in image_token_embeds]
+    return torch.stack(rows)

@@ -1,6 +1,7 @@
 """Shared fixtures: reference data (copied from the original FLAIR code's outputs) and converted checkpoints."""
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +16,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import convert_flair_to_hf as converter  # noqa: E402
 from manifest_weights import manifest_state_dict  # noqa: E402
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for servers and process groups the tests start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 # the harness for transformers' common tests runs in its own directory (tests/test_transformers_common.py), not here
 collect_ignore = ["transformers_common"]

@@ -5,7 +5,6 @@ selenium) drives each tab as a person would, and the numbers shown must be the l
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, free_port
 from flair_hf import FlairScorer
 
 spec = importlib.util.spec_from_file_location("demo_app", ROOT / "demo" / "app.py")
@@ -25,12 +24,6 @@ spec.loader.exec_module(app)
 
 IMAGE = FIXTURES / "images" / "puppy.jpg"
 CAPTIONS = ["a small white puppy", "a red ladybug on green beads", "a white door"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

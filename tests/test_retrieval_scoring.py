@@ -1,9 +1,12 @@
-"""The fast FLAIR scorer equals the straightforward per-image loop; top-k and global semantics."""
+"""The fast FLAIR scorer equals the original's per-image loop (its pooling block, `conversion/original_forward.py`);
+top-k and global semantics."""
 
 import pytest
 import torch
 
-from flair_hf.retrieval import flair_scores, global_scores, straightforward_flair_scores, topk_scores
+from original_forward import attention_pooling_of, original_pair_scores
+
+from flair_hf.retrieval import flair_scores, global_scores, topk_scores
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +18,9 @@ def features(tiny_model):
     return tiny_model.text_conditioned_pooling, text, tokens, images
 
 
-def test_fast_scorer_equals_straightforward_loop(features):
+def test_fast_scorer_equals_the_original_loop(features):
     pooling, text, tokens, _ = features
-    reference = straightforward_flair_scores(pooling, text, tokens)
+    reference = original_pair_scores(attention_pooling_of(pooling), text, tokens)
     for image_chunk, text_chunk in ((16, 2048), (4, 5), (1, 1)):
         fast = flair_scores(pooling, text, tokens, image_chunk_size=image_chunk, text_chunk_size=text_chunk)
         assert (fast - reference).abs().max() <= 1e-4

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,18 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from benchmark_layouts import build_data_root
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, free_port
 from shards import write_shard
 
 TRAIN = str(ROOT / "training" / "train.py")
 TINY = str(ROOT / "training" / "configs" / "tiny_cpu.yaml")
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

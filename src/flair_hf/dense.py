@@ -5,13 +5,15 @@
 - `patch_similarity_maps`: the cosine of every projected patch token (`FlairModel.get_image_token_features`) with the
   caption's text embedding, negatives clamped to 0, divided by the maximum.
 
-Both return `(B, T, h, w)` float32 maps in [0, 1], computed in chunks of images x texts like the scorer, on the
-features' device and dtype; `upsample_maps` resizes them bilinearly (e.g. to the input size). `dense_maps` does it
+Both return `(B, T, h, w)` float32 maps in [0, 1], computed in the pooling head's blocks of images x texts
+(`FlairTextConditionedPooling.pair_blocks`), on the features' device and dtype; `upsample_maps` resizes them bilinearly (e.g. to the input size). `dense_maps` does it
 all from `pixel_values` and `input_ids`, at any image size (`interpolate_pos_encoding` above the model's size).
 """
 
 import torch
 import torch.nn.functional as F
+
+from .modeling_flair import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, pairwise_cosine
 
 MAP_KINDS = ("attention", "similarity")
 
@@ -30,33 +32,29 @@ def _to_grid(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def caption_attention_maps(
     pooling, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor, grid: tuple[int, int],
-    image_chunk_size: int = 16, text_chunk_size: int = 256,
+    image_chunk_size: int = PAIR_IMAGE_CHUNK_SIZE, text_chunk_size: int = PAIR_TEXT_CHUNK_SIZE,
 ) -> torch.Tensor:  # fmt: skip
     """`(B, T, h, w)` head-averaged pooling attention of every caption over every image's patches, max-normalised.
 
     `pooling` is `FlairModel.text_conditioned_pooling`, `text_embeds` `(T, D)` from `get_text_embeds`,
     `image_token_embeds` `(B, h*w, D)` from `get_image_token_features`.
     """
-    queries = pooling.project_queries(text_embeds)
-    rows = []
-    for image_chunk in image_token_embeds.split(image_chunk_size):
-        keys, values = pooling.project_keys_values(image_chunk)
-        blocks = []
-        for query_chunk in queries.split(text_chunk_size, dim=1):
-            weights = pooling.attend(query_chunk, keys, values, output_attentions=True)[1]  # (b, heads, t, L + 1)
-            blocks.append(_normalize_by_max(weights.float().mean(dim=1)[..., :-1]))
-        rows.append(torch.cat(blocks, dim=1))
-    return _to_grid(torch.cat(rows), grid)
+    (images, tokens), texts = image_token_embeds.shape[:2], text_embeds.shape[0]
+    maps = torch.empty(images, texts, tokens, dtype=torch.float32, device=pooling.q_proj.weight.device)
+    for images, texts, queries, keys, values in pooling.pair_blocks(text_embeds, image_token_embeds, image_chunk_size, text_chunk_size):
+        weights = pooling.attend(queries, keys, values, output_attentions=True)[1]  # (b, heads, t, L + 1)
+        maps[images, texts] = _normalize_by_max(weights.float().mean(dim=1)[..., :-1])
+    return _to_grid(maps, grid)
 
 
 @torch.no_grad()
 def patch_similarity_maps(
-    text_embeds: torch.Tensor, image_token_embeds: torch.Tensor, grid: tuple[int, int], image_chunk_size: int = 64
+    text_embeds: torch.Tensor, image_token_embeds: torch.Tensor, grid: tuple[int, int],
+    image_chunk_size: int = PAIR_IMAGE_CHUNK_SIZE,
 ) -> torch.Tensor:
     """`(B, T, h, w)` cosine of each projected patch token with each caption embedding, negatives 0, max-normalised."""
-    texts = F.normalize(text_embeds.float(), dim=-1)
     rows = [
-        _normalize_by_max((F.normalize(chunk.float(), dim=-1) @ texts.t()).transpose(1, 2).clamp_min(0))
+        _normalize_by_max(pairwise_cosine(chunk.float(), text_embeds.float()).transpose(1, 2).clamp_min(0))
         for chunk in image_token_embeds.split(image_chunk_size)
     ]
     return _to_grid(torch.cat(rows), grid)

@@ -449,6 +449,15 @@ class FlairVisionModel(FlairPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=last_hidden_state[:, 0])
 
 
+PAIR_IMAGE_CHUNK_SIZE = 16  # images x texts per block of (image, text) pairs: with 8 heads and 197 key slots, one
+PAIR_TEXT_CHUNK_SIZE = 1024  # block's attention weights take 16 * 8 * 1024 * 197 * 4 bytes = 103 MB in float32
+
+
+def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of `a` `(..., N, D)` with every row of `b` `(M, D)`: `(..., N, M)`."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
+
+
 class FlairTextConditionedPooling(nn.Module):
     """
     FLAIR's text-conditioned attention pooling: each text embedding queries an image's projected patch tokens.
@@ -508,10 +517,32 @@ class FlairTextConditionedPooling(nn.Module):
         )
         return attn_output.flatten(-2), attn_weights
 
+    def pair_blocks(
+        self,
+        text_embeds: torch.Tensor,
+        image_token_embeds: torch.Tensor,
+        image_chunk_size: int = PAIR_IMAGE_CHUNK_SIZE,
+        text_chunk_size: int = PAIR_TEXT_CHUNK_SIZE,
+        device: torch.device | str | None = None,
+    ):
+        """Every (image, text) pair, in blocks: yields `(images, texts, queries, keys, values)`, the image and text
+        index slices of a block and its projected queries `(heads, t, hd)` and keys/values `(b, heads, L + 1, hd)`.
+
+        Queries are projected once, keys and values once per image chunk; inputs move to `device` (default: the head's)
+        chunk by chunk, so `(B, L, D)` tokens may stay on the CPU. Memory per block is bounded by the chunk sizes."""
+        device = torch.device(device) if device is not None else self.q_proj.weight.device
+        queries = self.project_queries(text_embeds.to(device))
+        for start in range(0, image_token_embeds.shape[0], image_chunk_size):
+            keys, values = self.project_keys_values(image_token_embeds[start : start + image_chunk_size].to(device))
+            images = slice(start, start + keys.shape[0])
+            for t in range(0, queries.shape[1], text_chunk_size):
+                yield images, slice(t, t + text_chunk_size), queries[:, t : t + text_chunk_size], keys, values
+
     def forward(
         self, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pool `(B, L, D)` tokens with every one of `(T, D)` texts: `(B, T, D)`, weights `(B, heads, T, L + 1)`."""
+        """Pool `(B, L, D)` tokens with every one of `(T, D)` texts in one block: `(B, T, D)`, weights
+        `(B, heads, T, L + 1)`. `FlairModel.get_text_conditioned_image_features` does it in bounded blocks."""
         keys, values = self.project_keys_values(image_token_embeds)
         return self.attend(self.project_queries(text_embeds), keys, values, output_attentions)
 
@@ -611,8 +642,8 @@ class FlairModel(FlairPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        image_chunk_size: int = 64,
-        text_chunk_size: int = 1024,
+        image_chunk_size: int = PAIR_IMAGE_CHUNK_SIZE,
+        text_chunk_size: int = PAIR_TEXT_CHUNK_SIZE,
     ) -> torch.Tensor:
         """
         The pooling head for every (image, text) pair: `(B, T, D)`, not normalised.
@@ -626,12 +657,10 @@ class FlairModel(FlairPreTrainedModel):
             image_token_embeds, pixel_values, "image_token_embeds", "pixel_values", self.get_image_token_features
         )
         pooling = self.text_conditioned_pooling
-        queries = pooling.project_queries(text_embeds)
-        rows = []
-        for image_chunk in image_token_embeds.split(image_chunk_size):
-            keys, values = pooling.project_keys_values(image_chunk)
-            rows.append(torch.cat([pooling.attend(q, keys, values)[0] for q in queries.split(text_chunk_size, dim=1)], dim=1))
-        return torch.cat(rows, dim=0)
+        pooled = text_embeds.new_empty(image_token_embeds.shape[0], text_embeds.shape[0], self.projection_dim)
+        for images, texts, queries, keys, values in pooling.pair_blocks(text_embeds, image_token_embeds, image_chunk_size, text_chunk_size):
+            pooled[images, texts] = pooling.attend(queries, keys, values)[0]
+        return pooled
 
     def _text_outputs(self, input_ids, attention_mask, flags: dict[str, bool]) -> BaseModelOutputWithPooling:
         """The text tower's output: over all positions when hidden states or attentions are asked for, else only
@@ -664,9 +693,8 @@ class FlairModel(FlairPreTrainedModel):
         self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Global-to-global CLIP logits `(per_image (B, T), per_text (T, B))`, no bias, as the original."""
-        image_embeds = F.normalize(self.get_image_embeds(pixel_values), dim=-1)
-        text_embeds = F.normalize(self.get_text_embeds(input_ids, attention_mask), dim=-1)
-        logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()
+        cosines = pairwise_cosine(self.get_image_embeds(pixel_values), self.get_text_embeds(input_ids, attention_mask))
+        logits_per_image = self.logit_scale.exp() * cosines
         return logits_per_image, logits_per_image.t()
 
     @can_return_tuple
@@ -732,7 +760,7 @@ class FlairModel(FlairPreTrainedModel):
         else:
             pooled = self.get_text_conditioned_image_features(text_embeds, image_token_embeds)
         logits_per_image = self._flair_logits(pooled, text_embeds)
-        logits_as_clip = self.logit_scale.exp() * fields["image_embeds"] @ fields["text_embeds"].t()
+        logits_as_clip = self.logit_scale.exp() * pairwise_cosine(image_embeds, text_embeds)
         return FlairOutput(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.t(),

@@ -4,20 +4,21 @@ Scores are cosine similarities `(B images, T texts)`; `logit_scale` and `logit_b
 rankings. `flair_scores` is the fast path: text queries are projected and normalised once, keys/values once per
 image, images are batched and attention runs through the model's attention implementation (SDPA by default) with
 the zero-attention slot, in chunks so peak memory depends on the chunk sizes, not on `B x T`.
-`straightforward_flair_scores` is the original's loop (one `nn.MultiheadAttention` call per image with all texts
-as queries), kept as the reference.
+The original's own loop (one pooling-block call per image, all texts as queries) is the reference in
+`conversion/original_forward.py`.
 """
 
 import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .modeling_flair import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, pairwise_cosine
 
 
 def global_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
     """CLIP-style cosine similarities `(B, T)` of global embeddings."""
-    return F.normalize(image_embeds.float(), dim=-1) @ F.normalize(text_embeds.float(), dim=-1).t()
+    return pairwise_cosine(image_embeds.float(), text_embeds.float())
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -57,8 +58,8 @@ def flair_scores(
     pooling,
     text_embeds: torch.Tensor,
     image_token_embeds: torch.Tensor,
-    image_chunk_size: int = 4,
-    text_chunk_size: int = 1024,
+    image_chunk_size: int = PAIR_IMAGE_CHUNK_SIZE,
+    text_chunk_size: int = PAIR_TEXT_CHUNK_SIZE,
     autocast_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -75,48 +76,16 @@ def flair_scores(
     columns, bias_norm = output_norm_factors(pooling)
     columns, bias_norm = [column.to(device) for column in columns], bias_norm.to(device)
     with _autocast(device, autocast_dtype):
-        text_embeds = text_embeds.to(device)
-        queries = pooling.project_queries(text_embeds)
-        texts = F.normalize(text_embeds.float(), dim=-1)
-        projected_texts = texts @ pooling.out_proj.weight.float()  # W^T text_j, as rows
-        text_bias = texts @ pooling.out_proj.bias.float()
-        for start in range(0, image_token_embeds.shape[0], image_chunk_size):
-            keys, values = pooling.project_keys_values(image_token_embeds[start : start + image_chunk_size].to(device))
-            for t in range(0, texts.shape[0], text_chunk_size):
-                attention = pooling.attention_output(queries[:, t : t + text_chunk_size], keys, values)[0]
-                squared = _squared_output_norms(attention.flatten(0, 1), columns, bias_norm).view(attention.shape[:2])
-                dots = attention.float().mul_(projected_texts[t : t + text_chunk_size]).sum(-1)  # in place: a temporary
-                block = (dots + text_bias[t : t + text_chunk_size]) / squared.clamp_min(0).sqrt().clamp_min(1e-12)
-                scores[start : start + keys.shape[0], t : t + text_chunk_size] = block
+        normalized = F.normalize(text_embeds.to(device).float(), dim=-1)
+        projected_texts = normalized @ pooling.out_proj.weight.float()  # W^T text_j, as rows
+        text_bias = normalized @ pooling.out_proj.bias.float()
+        blocks = pooling.pair_blocks(text_embeds, image_token_embeds, image_chunk_size, text_chunk_size, device)
+        for images, texts, queries, keys, values in blocks:
+            attention = pooling.attention_output(queries, keys, values)[0]
+            squared = _squared_output_norms(attention.flatten(0, 1), columns, bias_norm).view(attention.shape[:2])
+            dots = attention.float().mul_(projected_texts[texts]).sum(-1)  # in place: a temporary
+            scores[images, texts] = (dots + text_bias[texts]) / squared.clamp_min(0).sqrt().clamp_min(1e-12)
     return scores.cpu()
-
-
-def as_multihead_attention(pooling) -> nn.MultiheadAttention:
-    """The pooling head's projections as the original `nn.MultiheadAttention(..., add_zero_attn=True)`."""
-    attention = nn.MultiheadAttention(pooling.embed_dim, pooling.num_heads, batch_first=True, add_zero_attn=True)
-    attention.load_state_dict(
-        {
-            "in_proj_weight": torch.cat([pooling.q_proj.weight, pooling.k_proj.weight, pooling.v_proj.weight]),
-            "in_proj_bias": torch.cat([pooling.q_proj.bias, pooling.k_proj.bias, pooling.v_proj.bias]),
-            "out_proj.weight": pooling.out_proj.weight,
-            "out_proj.bias": pooling.out_proj.bias,
-        }
-    )
-    return attention.to(pooling.q_proj.weight.device).eval()
-
-
-@torch.no_grad()
-def straightforward_flair_scores(pooling, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor) -> torch.Tensor:
-    """Reference: per image, one `nn.MultiheadAttention` call with all texts as queries (as the original)."""
-    attention = as_multihead_attention(pooling)
-    texts = F.normalize(text_embeds, dim=-1)
-    queries = pooling.query_layer_norm(text_embeds)[None]
-    rows = []
-    for tokens in image_token_embeds:
-        keys, values = pooling.key_layer_norm(tokens)[None], pooling.value_layer_norm(tokens)[None]
-        pooled = attention(queries, keys, values)[0][0]
-        rows.append((F.normalize(pooled, dim=-1) * texts).sum(-1))
-    return torch.stack(rows)
 
 
 @torch.no_grad()
@@ -139,4 +108,4 @@ def topk_scores(
     return scores
 
 
-__all__ = ["as_multihead_attention", "flair_scores", "global_scores", "output_norm_factors", "straightforward_flair_scores", "topk_scores"]
+__all__ = ["flair_scores", "global_scores", "output_norm_factors", "topk_scores"]

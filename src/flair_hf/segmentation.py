@@ -23,6 +23,7 @@ from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .dense import caption_attention_maps
+from .modeling_flair import pairwise_cosine
 from .zero_shot import class_query_embeddings, data_text, imagenet_templates
 
 IGNORE_INDEX = 255
@@ -98,7 +99,7 @@ def sliding_window_logits(
         if method == "attention":
             scores = caption_attention_maps(model.text_conditioned_pooling, queries.to(tokens.dtype), tokens, grid)
         else:
-            scores = (F.normalize(tokens.float(), dim=-1) @ queries.t()).transpose(1, 2).unflatten(-1, grid)
+            scores = pairwise_cosine(tokens.float(), queries.float()).transpose(1, 2).unflatten(-1, grid)
         scores = F.interpolate(scores.float(), size=(crop_h, crop_w), mode="bilinear", align_corners=False)
         for (top, left), window_scores in zip(chunk, scores):
             totals[:, top : top + crop_h, left : left + crop_w] += window_scores
