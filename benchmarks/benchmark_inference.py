@@ -18,8 +18,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from benchmark_training import SIZES, caption_ids, original_and_ours
-from reporting import write_json
+
+from flair_hf_benchmarks.benchmark_training import SIZES, caption_ids, original_and_ours
+from flair_hf_benchmarks.reporting import write_json
 
 
 def original_get_logits(original, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:

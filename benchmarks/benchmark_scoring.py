@@ -23,14 +23,12 @@ from pathlib import Path
 
 import torch
 
-from reporting import write_json
+from flair_hf_benchmarks.reporting import write_json
 
 from flair_hf import FlairConfig
 from flair_hf.modeling_flair import FlairTextConditionedPooling
 from flair_hf.retrieval import flair_scores
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conversion"))
-from original_forward import attention_pooling_of, original_pair_scores  # noqa: E402
+from flair_hf_conversion.original_forward import attention_pooling_of, original_pair_scores
 
 
 def make_inputs(images: int, texts: int):

@@ -21,7 +21,7 @@ from pathlib import Path
 import ftfy
 import regex
 import torch
-from reporting import write_json
+from flair_hf_benchmarks.reporting import write_json
 
 from flair_hf import FlairTokenizer
 from flair_hf.processing_flair import OPEN_CLIP_PATTERN, _bytes_to_unicode, _read_bpe_vocab

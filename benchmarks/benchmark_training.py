@@ -20,7 +20,6 @@ import json
 import platform
 import resource
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
@@ -29,16 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from reporting import write_json
+
+from flair_hf import FlairConfig, FlairModel, FlairTokenizer
+from flair_hf.loss import flair_loss, sample_text_indices
+from flair_hf_benchmarks.reporting import write_json
+from flair_hf_conversion.convert_flair_to_hf import convert_state_dict
+from flair_hf_conversion.original_forward import OriginalFlair
+from flair_hf_training.data import FlairTrainingStream, make_collate, parse_sources
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "training"), str(ROOT / "conversion")]
-from convert_flair_to_hf import convert_state_dict  # noqa: E402
-from data import FlairTrainingStream, make_collate, parse_sources  # noqa: E402
-from original_forward import OriginalFlair  # noqa: E402
-
-from flair_hf import FlairConfig, FlairModel, FlairTokenizer  # noqa: E402
-from flair_hf.loss import flair_loss, sample_text_indices  # noqa: E402
 
 SIZES = {
     "vit-b-16": {},

@@ -2,7 +2,8 @@
 # Runs one half of the GPU suite on a lent device machine (README, "GPU suite"); everything it writes goes to $OUT.
 #   bash benchmarks/device_run.sh 1|2 [extra gpu_suite.py options]
 # 1: correctness, towers, scoring, training; 2: evaluation, segmentation. The wheels of benchmarks/device_kit.py
-# (carried as .whl) go into a private target that shadows the image's copies; flair_hf is imported from src/.
+# (carried as .whl) go into a private target that shadows the image's copies; flair_hf is imported from src/, and the
+# applications as the editable install maps them (flair_hf_conversion -> conversion/, ...), linked into that target.
 set -uo pipefail
 part=${1:?usage: device_run.sh 1|2 [gpu_suite options]}
 shift
@@ -22,6 +23,7 @@ if ! ls "$wheels"/*.whl >/dev/null 2>&1; then
   exit 1
 fi
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl 2>&1 | tail -5 | tee "$log"
+for app in conversion training benchmarks; do ln -sfn "$PWD/$app" "$site/flair_hf_$app"; done
 export PYTHONPATH="$site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$python" - <<'EOF' 2>&1 | tee -a "$log" "$out/environment-$part.txt"
 import importlib.metadata as metadata, platform, torch

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from model_loading import load_model_and_processor
-from reporting import published_comparison, write_results
+from flair_hf_benchmarks.model_loading import load_model_and_processor
+from flair_hf_benchmarks.reporting import published_comparison, write_results
 
 from flair_hf.zero_shot import SCORINGS, evaluate_classification, imagenet_classnames
 

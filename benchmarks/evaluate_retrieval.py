@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from model_loading import load_model_and_processor
-from reporting import write_results
+from flair_hf_benchmarks.model_loading import load_model_and_processor
+from flair_hf_benchmarks.reporting import write_results
 
 from flair_hf import FlairModel
 from flair_hf.evaluation import MODES, PAPER_R1, PAPER_SET_SIZES, evaluate_retrieval

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from model_loading import load_model_and_processor
-from reporting import published_comparison, write_results
+from flair_hf_benchmarks.model_loading import load_model_and_processor
+from flair_hf_benchmarks.reporting import published_comparison, write_results
 
 from flair_hf.retrieval_data import BenchmarkDataError
 from flair_hf.segmentation import SEGMENTATION_SETS, evaluate_segmentation

@@ -45,24 +45,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flair_hf import FlairConfig, FlairModel
+from flair_hf.modeling_flair import PAIR_IMAGE_CHUNK_SIZE
+from flair_hf.retrieval import flair_scores
+from flair_hf_benchmarks import benchmark_scoring, benchmark_towers, benchmark_training, evaluate_retrieval, evaluate_segmentation
+from flair_hf_benchmarks.reporting import write_json
+from flair_hf_conversion import convert_flair_to_hf
+from flair_hf_conversion.manifest_weights import manifest_state_dict
+from flair_hf_conversion.original_forward import attention_pooling_of, original_pair_scores
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-for folder in ("benchmarks", "conversion", "training"):
-    sys.path.insert(0, str(ROOT / folder))
-
-import benchmark_scoring  # noqa: E402
-import benchmark_towers  # noqa: E402
-import benchmark_training  # noqa: E402
-import convert_flair_to_hf  # noqa: E402
-import evaluate_retrieval  # noqa: E402
-import evaluate_segmentation  # noqa: E402
-from reporting import write_json  # noqa: E402
-from manifest_weights import manifest_state_dict  # noqa: E402
-
-from flair_hf import FlairConfig, FlairModel  # noqa: E402
-from flair_hf.modeling_flair import PAIR_IMAGE_CHUNK_SIZE  # noqa: E402
-from flair_hf.retrieval import flair_scores  # noqa: E402
-from original_forward import attention_pooling_of, original_pair_scores  # noqa: E402
 
 SCALES = {
     "full": {

@@ -22,10 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from original_forward import original_forward  # noqa: E402
-
-from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTokenizer  # noqa: E402
+from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTokenizer
+from flair_hf_conversion.original_forward import original_forward
 
 
 HUB_REPO = "xiaorui638/flair"

@@ -9,16 +9,15 @@ original `.pt` -> converter -> `AutoModel` / `AutoProcessor` with `trust_remote_
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from flair_hf_conversion.convert_flair_to_hf import convert
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_flair_to_hf import convert  # noqa: E402
 
 CAPTIONS = ["a photo of a dog", "a football player in a red shirt", "a red ladybug on green beads", "a white desk"]
 

@@ -2,20 +2,17 @@
 
 import json
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from flair_hf_conversion import convert_flair_to_hf as converter
+from flair_hf_conversion.manifest_weights import manifest_state_dict
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-sys.path.insert(0, str(ROOT / "conversion"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import convert_flair_to_hf as converter  # noqa: E402
-from manifest_weights import manifest_state_dict  # noqa: E402
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for servers and process groups the tests start)."""

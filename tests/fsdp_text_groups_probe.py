@@ -7,7 +7,6 @@ Usage: `fsdp_text_groups_probe.py OUTPUT_FILE`; rank 0 writes the full gradients
 """
 
 import sys
-from pathlib import Path
 
 import torch
 
@@ -23,8 +22,7 @@ def build_model():
     )
     torch.manual_seed(0)
     model = FlairModel(config).double()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-    from train import set_scalar_shapes
+    from flair_hf_training.train import set_scalar_shapes
 
     set_scalar_shapes(model, (1,))  # as the trainer: FSDP2 takes no 0-d parameters
     return model

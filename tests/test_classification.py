@@ -12,8 +12,7 @@ from PIL import Image
 from conftest import ROOT
 from flair_hf.zero_shot import imagenet_classnames, imagenet_templates, topk_accuracy
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import evaluate_classification  # noqa: E402
+from flair_hf_benchmarks import evaluate_classification
 
 CLASSES = ["golden_retriever", "sports_car", "tree"]
 

@@ -11,8 +11,7 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import device_kit  # noqa: E402
+from flair_hf_benchmarks import device_kit
 
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 

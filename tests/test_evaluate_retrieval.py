@@ -1,17 +1,14 @@
 """End-to-end retrieval evaluation with the tiny model on tiny benchmark layouts."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from benchmark_layouts import build_data_root
-from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import evaluate_retrieval  # noqa: E402
+from flair_hf_benchmarks import evaluate_retrieval
 
 from flair_hf.evaluation import flatten_captions, retrieval_metrics  # noqa: E402
 

@@ -5,8 +5,7 @@ import sys
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_suite  # noqa: E402
+from flair_hf_benchmarks import gpu_suite
 
 
 def test_gpu_suite_dry_run_on_cpu(tmp_path, capsys):

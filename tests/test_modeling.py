@@ -108,6 +108,20 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
         assert (model.get_text_embeds(ids) - full)[[1, 3]].abs().max() > 1e-3
 
 
+def test_groups_of_equal_length_run_as_one_call(tiny_dir):
+    """Captions all of the same length (77 tokens, the worst case) run in one tower call, not one per group."""
+    model = FlairModel.from_pretrained(tiny_dir, text_config={"length_groups": 4}).eval()
+    ids = ids_ending_at([76] * 6 + [20, 20], torch.Generator().manual_seed(0))
+    calls = []
+    hook = model.text_model.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        fast = model.get_text_embeds(ids)
+    hook.remove()
+    assert calls == [(2, 21), (6, 77)]  # sorted: the two short ones, then the 77-token ones merged from three groups
+    with torch.no_grad():
+        torch.testing.assert_close(fast, model.text_projection(model.text_model(ids).pooler_output), atol=1e-6, rtol=1e-5)
+
+
 def test_traced_or_exported_text_features_do_not_bake_in_example_lengths(tiny_model):
     """Tracing or exporting runs the full-length pass: a graph made on short captions stays right on long ones."""
 

@@ -13,8 +13,7 @@ from conftest import FIXTURES, ROOT
 
 LABELS = ["a small white puppy", "a red car", "two football players"]
 REMOTE = """
-import json, sys
-sys.path.insert(0, {tests!r})
+import json
 import remote_code_probe  # makes flair_hf unimportable
 from transformers import pipeline
 classifier = pipeline("zero-shot-image-classification", model={model!r}, trust_remote_code=True)
@@ -48,8 +47,8 @@ def test_zero_shot_pipeline_with_flair_hf_uses_flair_logits(tiny_dir, tiny_model
 
 
 def test_zero_shot_pipeline_from_remote_code_only(tiny_dir, tiny_model, tmp_path):
-    code = REMOTE.format(tests=str(ROOT / "tests"), model=str(tiny_dir), image=str(FIXTURES / "images" / "puppy.jpg"), labels=LABELS)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    code = REMOTE.format(model=str(tiny_dir), image=str(FIXTURES / "images" / "puppy.jpg"), labels=LABELS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(ROOT / "tests")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = {r["label"]: r["score"] for r in json.loads(result.stdout.strip().splitlines()[-1])}
@@ -67,8 +66,7 @@ def test_readme_pipeline_example_runs(tiny_dir, tmp_path):
 
 
 FEATURES_REMOTE = """
-import json, sys
-sys.path.insert(0, {tests!r})
+import json
 import remote_code_probe  # makes flair_hf unimportable
 from transformers import pipeline
 extractor = pipeline("image-feature-extraction", model={model!r}, trust_remote_code=True)
@@ -85,8 +83,8 @@ def test_image_feature_extraction_pipeline_gives_the_global_embedding(tiny_dir, 
     expected = tiny_scorer.encode_image(image)
     features = pipeline("image-feature-extraction", model=str(tiny_dir))(image, return_tensors=True)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
-    code = FEATURES_REMOTE.format(tests=str(ROOT / "tests"), model=str(tiny_dir), image=image)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    code = FEATURES_REMOTE.format(model=str(tiny_dir), image=image)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(ROOT / "tests")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(json.loads(result.stdout.strip().splitlines()[-1])), expected, atol=1e-5, rtol=0)

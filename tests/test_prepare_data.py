@@ -17,8 +17,7 @@ from PIL import Image
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "training"))
-import prepare_data  # noqa: E402
+from flair_hf_training import prepare_data
 
 CAPTIONS = {
     "raw_caption": "A red square on white.",

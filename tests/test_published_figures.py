@@ -1,12 +1,9 @@
 """`--compare-paper` of the classification and segmentation CLIs: published figures (secondary sources) beside a
 full-set run only."""
 
-import sys
 
-from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from reporting import published_comparison  # noqa: E402
+from flair_hf_benchmarks.reporting import published_comparison
 
 
 def test_a_full_set_run_is_compared_and_labelled_secondary():

@@ -4,7 +4,7 @@ top-k and global semantics."""
 import pytest
 import torch
 
-from original_forward import attention_pooling_of, original_pair_scores
+from flair_hf_conversion.original_forward import attention_pooling_of, original_pair_scores
 
 from flair_hf.retrieval import flair_scores, global_scores, topk_scores
 

@@ -20,9 +20,7 @@ from flair_hf.segmentation import (
 )  # fmt: skip
 from flair_hf.zero_shot import class_query_embeddings, imagenet_templates
 from flair_hf.segmentation_data import load_segmentation_benchmark
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import evaluate_segmentation as segmentation_cli  # noqa: E402
+from flair_hf_benchmarks import evaluate_segmentation as segmentation_cli
 
 
 @pytest.fixture(scope="module")

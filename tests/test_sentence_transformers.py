@@ -12,8 +12,7 @@ from conftest import FIXTURES, ROOT
 
 TEXTS = ["a small white puppy", "a red car"]
 CODE = """
-import json, sys
-sys.path.insert(0, {tests!r})
+import json
 import remote_code_probe  # makes flair_hf unimportable
 from PIL import Image
 from sentence_transformers import SentenceTransformer
@@ -26,8 +25,8 @@ print(json.dumps({{"texts": texts.tolist(), "images": images.tolist(), "similari
 
 def test_sentence_transformer_embeds_texts_and_images(tiny_dir, tiny_scorer, tmp_path):
     image = str(FIXTURES / "images" / "puppy.jpg")
-    code = CODE.format(tests=str(ROOT / "tests"), model=str(tiny_dir), texts=TEXTS, image=image)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    code = CODE.format(model=str(tiny_dir), texts=TEXTS, image=image)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(ROOT / "tests")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])

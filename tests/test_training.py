@@ -85,8 +85,7 @@ def assert_export_runs_with_its_processor(export_dir):
 
 def assert_eval_equals_cli(output, data, tmp_path):
     """The last in-training evaluation equals the single-process retrieval CLI on the exported checkpoint."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import evaluate_retrieval
+    from flair_hf_benchmarks import evaluate_retrieval
 
     cli = evaluate_retrieval.main(["--model", str(output / "final"), "--benchmark", "coco", "--benchmark", "flickr30k",
                                    "--data-root", str(data / "benchmarks"), "--output", str(tmp_path / "cli.json")])  # fmt: skip
@@ -158,8 +157,7 @@ def test_fsdp2_resume_equals_uninterrupted_run_and_export_loads(data, tmp_path, 
 
 
 REMOTE_EVAL = """
-import sys, torch
-sys.path.insert(0, {tests!r})
+import torch
 import remote_code_probe  # makes flair_hf unimportable
 from safetensors.torch import load_file
 from transformers import AutoModel
@@ -174,8 +172,8 @@ with torch.no_grad():
 
 def remote_code_eval_loss(export_dir, batch, tmp_path) -> float:
     """The exported directory's eval loss, loaded with AutoModel + remote code in a process without flair_hf."""
-    code = REMOTE_EVAL.format(tests=str(ROOT / "tests"), export=str(export_dir), batch=str(batch))
-    result = run([sys.executable, "-c", code], {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""})
+    code = REMOTE_EVAL.format(export=str(export_dir), batch=str(batch))
+    result = run([sys.executable, "-c", code], {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(ROOT / "tests")})
     return float(result.stdout.strip().splitlines()[-1])
 
 
@@ -220,8 +218,7 @@ def test_simulated_two_node_fsdp2_launch(data, tmp_path):
 def test_starts_from_a_clip_checkpoint_in_hf_format(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
-    sys.path.insert(0, str(ROOT / "training"))
-    from train import TrainConfig, build_model, build_processor, parameter_groups
+    from flair_hf_training.train import TrainConfig, build_model, build_processor, parameter_groups
 
     clip = CLIPModel(CLIPConfig(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "hidden_act": "gelu"},
@@ -260,8 +257,7 @@ def test_resume_keeps_the_schedule_and_says_when_finished(data, tmp_path):
 def test_help_lists_every_option_with_help_and_default():
     import dataclasses
 
-    sys.path.insert(0, str(ROOT / "training"))
-    from train import TrainConfig
+    from flair_hf_training.train import TrainConfig
 
     text = run([sys.executable, TRAIN, "--help"]).stdout
     for item in dataclasses.fields(TrainConfig):

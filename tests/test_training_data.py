@@ -2,16 +2,14 @@
 
 import itertools
 import random
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
 from shards import write_corrupt_shard, write_shard
 
-sys.path.insert(0, str(ROOT / "training"))
-from data import DataError, FlairTrainingStream, RandomResizedCropTransform, check_shards, expand_braces, make_collate, parse_sources  # noqa: E402
+from flair_hf_training import data
+from flair_hf_training.data import DataError, FlairTrainingStream, RandomResizedCropTransform, check_shards, expand_braces, make_collate, parse_sources
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +132,6 @@ def test_unusable_captions_stop_with_one_summary(tmp_path, caplog, captions):
 
 
 def test_a_long_run_of_unusable_samples_stops_early(tmp_path, monkeypatch):
-    import data
 
     monkeypatch.setattr(data, "CHECK_FIRST", 4)
     write_shard(tmp_path / "bad.tar", 0, 10, captions={})

@@ -2,16 +2,13 @@
 initialisation) and the trainer's typed, validated configuration."""
 
 import math
-import sys
 
 import pytest
 import torch
 
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "training"))
-import convert_flair_to_hf as converter  # noqa: E402
-import train  # noqa: E402
+from flair_hf_conversion import convert_flair_to_hf as converter
+from flair_hf_training import train
 
 TINY = str(ROOT / "training" / "configs" / "tiny_cpu.yaml")
 

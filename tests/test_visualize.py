@@ -12,8 +12,7 @@ from PIL import Image
 
 from conftest import FIXTURES, ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import visualize  # noqa: E402
+from flair_hf_benchmarks import visualize
 
 
 def assert_overlay_png(path, size):

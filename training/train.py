@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -27,12 +26,10 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import DataError, FlairTrainingStream, check_shards, make_collate, parse_sources  # noqa: E402
-
-from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTextConfig, FlairTokenizer, FlairVisionConfig  # noqa: E402
-from flair_hf.captions import DREAMLIP_KEYS  # noqa: E402
-from flair_hf.evaluation import MODES  # noqa: E402
+from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTextConfig, FlairTokenizer, FlairVisionConfig
+from flair_hf.captions import DREAMLIP_KEYS
+from flair_hf.evaluation import MODES
+from flair_hf_training.data import DataError, FlairTrainingStream, check_shards, make_collate, parse_sources
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -708,7 +705,7 @@ def main(argv=None):
         train(config)
         return
     except DataError as error:  # raised in a DataLoader worker, it arrives wrapped with the worker's traceback
-        message = str(error).rstrip().splitlines()[-1].removeprefix("data.DataError: ")
+        message = str(error).rstrip().splitlines()[-1].removeprefix(f"{DataError.__module__}.{DataError.__name__}: ")
     gc.collect()  # the DataLoader's workers end (and finish printing) before the error is printed, last
     raise ConfigError(message)
 

@@ -392,7 +392,8 @@ class FlairTextModel(FlairPreTrainedModel):
 
     def pooled_output(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`pooler_output` alone, each text computed only up to its end-of-text token (all that reaches it under the
-        causal mask): texts sorted by length into `min(config.length_groups, T)` groups, each cut at its longest.
+        causal mask): texts sorted by length into `min(config.length_groups, T)` groups, each cut at its longest
+        (neighbouring groups with the same cut run as one call).
 
         A padding mask that keeps every position up to each end-of-text token cannot change the result, so it is
         dropped (the kernels then take the causal flag alone). When torch.distributed is initialised, exactly
@@ -408,17 +409,31 @@ class FlairTextModel(FlairPreTrainedModel):
             attention_mask = None if bool(attention_mask.to(ends.device).bool()[reaching].all()) else attention_mask
         order = ends.argsort()
         groups = order.tensor_split(self.config.length_groups if distributed else min(self.config.length_groups, len(order)))
+        cuts = [int(ends[group].max()) + 1 if len(group) else 0 for group in groups]
+        if not distributed:  # neighbouring groups cut at the same length run as one call
+            groups, cuts = _merge_equal_cuts(groups, cuts)
         pooled = []
-        for group in groups:
+        for group, cut in zip(groups, cuts):
             if len(group) == 0:  # a rank with fewer texts than groups: a one-token call, discarded, keeps step
                 self(input_ids.new_zeros(1, 1), return_dict=True)
                 continue
-            cut = int(ends[group].max()) + 1
             mask = attention_mask[group, :cut] if attention_mask is not None else None
             pooled.append(self(input_ids[group, :cut], mask, return_dict=True).pooler_output)
         if not pooled:
             return self.final_layer_norm.weight.new_zeros(0, self.config.hidden_size)
         return torch.cat(pooled)[order.argsort()]
+
+
+def _merge_equal_cuts(groups: tuple, cuts: list[int]) -> tuple[list, list[int]]:
+    """Neighbouring length groups with the same cut, joined (e.g. every caption 77 tokens: one call, not several)."""
+    merged, merged_cuts = [], []
+    for group, cut in zip(groups, cuts):
+        if merged_cuts and merged_cuts[-1] == cut:
+            merged[-1] = torch.cat([merged[-1], group])
+        else:
+            merged.append(group)
+            merged_cuts.append(cut)
+    return merged, merged_cuts
 
 
 class FlairVisionModel(FlairPreTrainedModel):

@@ -1,0 +1,1 @@
+"""Evaluation CLIs and speed/memory scripts, installed as `flair_hf_benchmarks`."""

@@ -1,0 +1,1 @@
+"""The Accelerate trainer and its data pipeline, installed as `flair_hf_training`."""
