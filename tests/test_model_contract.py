@@ -1,0 +1,67 @@
+"""What a transformers user does with any model, on FlairModel: sharded and dtype'd save/load round trips,
+`device_map="auto"`, `torch.compile` of the towers, deterministic initialisation."""
+
+import pytest
+import torch
+
+from flair_hf import FlairConfig, FlairModel
+
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_reference):
+    return tiny_reference["input_ids"].long(), tiny_reference["pixel_values"]
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(input_ids=inputs[0], pixel_values=inputs[1].to(model.dtype)).logits_per_image.float()
+
+
+def test_sharded_safetensors_round_trip(tiny_model, inputs, tmp_path):
+    tiny_model.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(path.name for path in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file() and not list(tmp_path.glob("*.bin"))
+    loaded = FlairModel.from_pretrained(tmp_path).eval()
+    for name, tensor in tiny_model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(logits(loaded, inputs), logits(tiny_model, inputs), atol=0, rtol=0)
+
+
+def test_dtype_loading(tiny_dir, tiny_model, inputs):
+    half = FlairModel.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    reference = logits(tiny_model, inputs)
+    # bf16 keeps 8 bits of mantissa: the logits (scale exp(logit_scale)) agree to a few bf16 steps of that scale
+    tolerance = 8 * torch.finfo(torch.bfloat16).eps * tiny_model.logit_scale.exp().item()
+    assert (logits(half, inputs) - reference).abs().max() <= tolerance
+
+
+def test_device_map_auto_on_cpu(tiny_dir, tiny_model, inputs):
+    mapped = FlairModel.from_pretrained(tiny_dir, device_map="auto").eval()
+    assert {p.device.type for p in mapped.parameters()} == {"cpu"}
+    torch.testing.assert_close(logits(mapped, inputs), logits(tiny_model, inputs), atol=1e-6, rtol=0)
+
+
+def test_compiled_towers_equal_eager(tiny_model, inputs):
+    ids, pixels = inputs
+    with torch.no_grad():
+        image = torch.compile(tiny_model.get_image_embeds, backend="aot_eager", fullgraph=False)(pixels)
+        text = torch.compile(tiny_model.get_text_embeds, backend="aot_eager", fullgraph=False)(ids)
+        torch.testing.assert_close(image, tiny_model.get_image_embeds(pixels), atol=1e-5, rtol=0)
+        torch.testing.assert_close(text, tiny_model.get_text_embeds(ids), atol=1e-5, rtol=0)
+
+
+def test_initialisation_is_deterministic_and_complete():
+    config = FlairConfig(projection_dim=32, text_config=SMALL, vision_config={**SMALL, "image_size": 32, "patch_size": 8})
+    models = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        models.append(FlairModel(config))
+    for (name, first), second in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(first, second, atol=0, rtol=0, msg=name)
+        assert torch.isfinite(first).all(), name
+    torch.manual_seed(4)
+    other = FlairModel(config)
+    assert not torch.equal(other.text_model.encoder.layers[0].self_attn.q_proj.weight, models[0].text_model.encoder.layers[0].self_attn.q_proj.weight)
