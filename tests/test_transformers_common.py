@@ -77,6 +77,7 @@ def test_common_model_tests_pass_for_flair_as_for_clip(harness):
                              f"--junitxml={report}"], cwd=harness, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert report.is_file(), result.stdout[-2000:] + result.stderr[-2000:]
     counts = outcomes(report)
+    assert {"CLIPModelSameHarnessTest", "FlairModelTest"} <= counts.keys(), f"the harness did not collect:\n{result.stdout[-3000:]}"
     clip, flair = counts["CLIPModelSameHarnessTest"], counts["FlairModelTest"]
     assert not clip["failed"] and len(clip["passed"]) >= 60, f"the CLIPModel control fails {clip['failed']}: the harness is broken"
     assert not flair["failed"], f"FlairModel fails transformers' common tests {flair['failed']}:\n{result.stdout[-4000:]}"
