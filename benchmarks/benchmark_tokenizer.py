@@ -24,7 +24,7 @@ import torch
 from flair_hf_benchmarks.reporting import write_json
 
 from flair_hf import FlairTokenizer
-from flair_hf.processing_flair import OPEN_CLIP_PATTERN, _bytes_to_unicode, _read_bpe_vocab
+from flair_hf.preprocessing import OPEN_CLIP_PATTERN, bytes_to_unicode, read_bpe_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 BPE_PATH = ROOT / "src" / "flair_hf" / "bpe_simple_vocab_16e6.txt.gz"
@@ -34,11 +34,11 @@ class OpenClipSimpleTokenizer:
     """open_clip's `SimpleTokenizer` (clean="lower"), the baseline: Python BPE over regex words, cached per word."""
 
     def __init__(self):
-        self.encoder, merges = _read_bpe_vocab(BPE_PATH)
+        self.encoder, merges = read_bpe_vocab(BPE_PATH)
         self.bpe_ranks = dict(zip(merges, range(len(merges))))
         printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-        byte_order = printable + [b for b in range(256) if b not in printable]  # the order of `_bytes_to_unicode`
-        self.byte_encoder = dict(zip(byte_order, _bytes_to_unicode()))
+        byte_order = printable + [b for b in range(256) if b not in printable]  # the order of `bytes_to_unicode`
+        self.byte_encoder = dict(zip(byte_order, bytes_to_unicode()))
         self.cache = {"<start_of_text>": "<start_of_text>", "<end_of_text>": "<end_of_text>"}
         self.pattern = regex.compile(OPEN_CLIP_PATTERN, regex.IGNORECASE)
         self.sot, self.eot = self.encoder["<start_of_text>"], self.encoder["<end_of_text>"]

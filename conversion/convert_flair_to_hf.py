@@ -10,6 +10,7 @@ and moved into place only when everything (including `--verify`) succeeded.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -516,6 +517,35 @@ def push_to_hub(directory: Path, repo_id: str, source: str, differences: dict | 
         ) from error
 
 
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """`output_dir` as a Path, if it is new or an empty directory."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"{output_dir}: exists and is a file; the output must be a new or empty directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        raise ConversionError(f"{output_dir}: output directory exists and is not empty")
+    return output_dir
+
+
+@contextlib.contextmanager
+def staged_output_dir(output_dir: Path):
+    """A temporary directory beside `output_dir` (permissions as a new directory's) that becomes `output_dir` when the
+    block succeeds and is removed when it fails: never a half-written output."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
+        yield staging
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def convert(
     source: str, output_dir: str | os.PathLike, model_cfg: dict | None = None, run_verify: bool = False,
     text_heads: int | None = None, vision_heads: int | None = None, verbose: bool = False,
@@ -524,11 +554,7 @@ def convert(
 
     Without `model_cfg` the architecture is read from the checkpoint's shapes (ViT-B-16-FLAIR, or another size given
     the head counts, which shapes cannot tell)."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConversionError(f"{output_dir}: exists and is a file; the output must be a new or empty directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        raise ConversionError(f"{output_dir}: output directory exists and is not empty")
+    output_dir = check_output_dir(output_dir)
     start = time.perf_counter()
     checkpoint = resolve_source(source)
     tensors = load_original_state_dict(checkpoint)
@@ -542,22 +568,11 @@ def convert(
     differences = verify(model, tensors, processor) if run_verify else None
     del tensors
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
+    with staged_output_dir(output_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if differences is not None:
             (staging / "conversion_parity.json").write_text(json.dumps({"source": shareable_source(source), "max_abs_difference": differences}, indent=2))
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"source": str(checkpoint), "output_dir": str(output_dir), "seconds": time.perf_counter() - start, "max_abs_difference": differences}
 
 

@@ -167,7 +167,7 @@ def test_plain_text_fast_path_equals_the_full_cleaning():
 
     import ftfy
 
-    from flair_hf.processing_flair import _PLAIN_TEXT, clean_caption
+    from flair_hf.preprocessing import _PLAIN_TEXT, clean_caption
 
     alphabet = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "&"] + ["\t", "\n", "\r", "\r\n"]
     rng = random.Random(0)

@@ -473,6 +473,12 @@ def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
 
 
+def flair_cosine(text_conditioned_image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Cosine of each image's embedding pooled for text `t` `(B, T, D)` with text `t`'s embedding `(T, D)`: `(B, T)`."""
+    pooled, text = F.normalize(text_conditioned_image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
+    return torch.einsum("btd,td->bt", pooled, text)
+
+
 class FlairTextConditionedPooling(nn.Module):
     """
     FLAIR's text-conditioned attention pooling: each text embedding queries an image's projected patch tokens.
@@ -691,9 +697,7 @@ class FlairModel(FlairPreTrainedModel):
         return features if features is not None else encode(inputs, *encode_args)
 
     def _flair_logits(self, text_conditioned_image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        pooled = F.normalize(text_conditioned_image_embeds, dim=-1)
-        text = F.normalize(text_embeds, dim=-1)
-        return self.logit_scale.exp() * torch.einsum("btd,td->bt", pooled, text) + self.logit_bias
+        return self.logit_scale.exp() * flair_cosine(text_conditioned_image_embeds, text_embeds) + self.logit_bias
 
     def get_logits(
         self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, attention_mask: torch.Tensor | None = None

@@ -1,15 +1,11 @@
 """Image processor, tokenizer and processor for FLAIR that reproduce the original preprocessing exactly."""
 
-import gzip
-import html
 import os
-import re
 
-import ftfy
 import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Regex, pre_tokenizers
-from PIL import Image, UnidentifiedImageError
 from transformers import CLIPTokenizer
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
@@ -19,11 +15,9 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import BatchEncoding
 from transformers.utils import PaddingStrategy, TensorType
 
+from .preprocessing import FLAIR_PAD_TOKEN_ID, OPEN_CLIP_PATTERN, clean_caption, image_to_pixels, open_image, read_bpe_vocab
 
-FLAIR_PAD_TOKEN_ID = 0  # open_clip pads with id 0, which is the vocabulary entry "!"
-# open_clip's `SimpleTokenizer` word pattern; its special tokens are named `<start_of_text>` / `<end_of_text>`,
-# so the CLIP-style spellings `<|startoftext|>` are ordinary text.
-OPEN_CLIP_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
 
 
 class FlairImageProcessor(PilBackend):
@@ -56,7 +50,7 @@ class FlairImageProcessor(PilBackend):
         if isinstance(images, (list, tuple)):
             return [self.fetch_images(image) for image in images]
         if isinstance(images, (str, os.PathLike)):
-            return _open_image(images)
+            return open_image(images)
         return images
 
     def process_image(self, image, **kwargs) -> Image.Image:
@@ -86,73 +80,14 @@ class FlairImageProcessor(PilBackend):
         do_convert_rgb: bool | None = None,
         **kwargs,
     ):
-        processed = []
-        for image in images:
-            if do_resize:
-                image = _resize_shortest_edge(image, size.shortest_edge, resample)
-            if do_center_crop:
-                image = _center_crop(image, crop_size.height, crop_size.width)
-            if do_convert_rgb:
-                image = image.convert("RGB")
-            array = np.asarray(image, dtype=np.float32)
-            if array.ndim == 2:
-                array = array[..., None]
-            if do_rescale:
-                array = array / np.float32(1.0 / rescale_factor)  # ToTensor divides by 255
-            if do_normalize:
-                array = (array - np.asarray(image_mean, dtype=np.float32)) / np.asarray(image_std, dtype=np.float32)
-            processed.append(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        processed = [
+            image_to_pixels(
+                image, size.shortest_edge if do_resize else None, (crop_size.height, crop_size.width) if do_center_crop else None,
+                image_mean if do_normalize else None, image_std, rescale_factor if do_rescale else None, resample, bool(do_convert_rgb),
+            )  # fmt: skip
+            for image in images
+        ]
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
-
-
-def _open_image(path) -> Image.Image:
-    """Open and fully decode a local image file, with an error that names the file."""
-    path = os.fspath(path)
-    if path.startswith(("http://", "https://")):
-        raise ValueError(f"FlairImageProcessor does not download images; download {path!r} and pass the file or image")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"Cannot read image file {path}: {error}") from error
-
-
-def _resize_shortest_edge(image: Image.Image, shortest_edge: int, resample) -> Image.Image:
-    """torchvision `Resize(shortest_edge)` on a PIL image: the long side is truncated, not rounded."""
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = shortest_edge, int(shortest_edge * long / short)
-    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
-    if new_size == image.size:
-        return image
-    return image.resize(new_size, resample=PILImageResampling(resample))
-
-
-def _center_crop(image: Image.Image, crop_height: int, crop_width: int) -> Image.Image:
-    """torchvision `CenterCrop` on a PIL image (zero padding when the image is smaller than the crop)."""
-    width, height = image.size
-    if width < crop_width or height < crop_height:
-        padded = Image.new(image.mode, (max(width, crop_width), max(height, crop_height)))
-        padded.paste(image, ((padded.width - width) // 2, (padded.height - height) // 2))
-        image, (width, height) = padded, padded.size
-    top = int(round((height - crop_height) / 2.0))
-    left = int(round((width - crop_width) / 2.0))
-    return image.crop((left, top, left + crop_width, top + crop_height))
-
-
-# printable ASCII and line breaks without "&": ftfy and HTML unescaping leave such text unchanged (ftfy only touches
-# non-ASCII characters, control characters, terminal escapes and HTML entities; line breaks fold into spaces anyway)
-_PLAIN_TEXT = re.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
-
-
-def clean_caption(text: str) -> str:
-    """open_clip's text cleaning: ftfy, HTML unescaping (twice), whitespace folding, lowercasing."""
-    if not _PLAIN_TEXT.fullmatch(text):
-        text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return " ".join(text.split()).lower()
 
 
 class FlairTokenizer(CLIPTokenizer):
@@ -230,7 +165,7 @@ class FlairTokenizer(CLIPTokenizer):
     @classmethod
     def from_bpe_vocab(cls, bpe_path: str | os.PathLike | None = None, **kwargs) -> "FlairTokenizer":
         """Build the tokenizer from open_clip's `bpe_simple_vocab_16e6.txt.gz` (bundled with `flair_hf`)."""
-        vocab, merges = _read_bpe_vocab(bpe_path or os.path.join(os.path.dirname(__file__), "bpe_simple_vocab_16e6.txt.gz"))
+        vocab, merges = read_bpe_vocab(bpe_path or os.path.join(os.path.dirname(__file__), "bpe_simple_vocab_16e6.txt.gz"))
         kwargs.setdefault("model_max_length", 77)
         return cls(vocab=vocab, merges=merges, **kwargs)
 
@@ -257,29 +192,6 @@ def _map_texts(function, texts):
     if isinstance(texts, str):
         return function(texts)
     return [function(text) for text in texts]
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2 / CLIP byte-to-character table, in the order that defines the first 256 vocabulary ids."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = list(printable), 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(code) for code in codes]
-
-
-def _read_bpe_vocab(bpe_path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The vocabulary and merges exactly as open_clip's `SimpleTokenizer` builds them (49,408 entries)."""
-    with gzip.open(bpe_path) as handle:
-        lines = handle.read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    characters = _bytes_to_unicode()
-    tokens = characters + [c + "</w>" for c in characters] + ["".join(m) for m in merges]
-    tokens += ["<start_of_text>", "<end_of_text>"]
-    return {token: index for index, token in enumerate(tokens)}, merges
 
 
 class FlairProcessor(ProcessorMixin):

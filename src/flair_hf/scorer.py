@@ -53,7 +53,8 @@ class FlairScorer:
     @torch.no_grad()
     def score(self, images, texts) -> dict[str, torch.Tensor]:
         """FLAIR logits `(B, T)` of images against texts, with `probs` (softmax over the texts, as the zero-shot
-        pipeline) and `sigmoid_probs` (each pair on its own: FLAIR's training objective)."""
+        pipeline), `sigmoid_probs` (each pair on its own: FLAIR's training objective) and the global, CLIP-style
+        `logits_as_clip`."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not images or not texts:
@@ -62,7 +63,8 @@ class FlairScorer:
         output = self.model(input_ids=inputs["input_ids"].to(self.model.device),
                             pixel_values=inputs["pixel_values"].to(self.model.device, self.model.dtype))  # fmt: skip
         logits = output.logits_per_image.float()
-        return {"logits": logits, "probs": logits.softmax(dim=-1), "sigmoid_probs": torch.sigmoid(logits)}
+        return {"logits": logits, "probs": logits.softmax(dim=-1), "sigmoid_probs": torch.sigmoid(logits),
+                "logits_as_clip": output.logits_per_image_as_clip.float()}  # fmt: skip
 
 
 __all__ = ["FlairScorer"]

@@ -1,0 +1,221 @@
+"""Export a converted FLAIR model to ONNX Runtime: text encoder, image encoder and the pooling head's pair scorer.
+
+    python conversion/export_onnx.py MODEL_DIR OUT_DIR [--quantize int8]
+
+MODEL_DIR is a directory written by `convert_flair_to_hf.py` (or a Hub id in the local cache). OUT_DIR receives
+`text_encoder.onnx` (token ids `(T, L)`, any T and L <= 77 -> global text embeddings), `image_encoder.onnx` (pixels
+`(B, 3, 224, 224)` -> global image embeddings and projected patch tokens), `pair_scorer.onnx` (text embeddings
+`(T, D)` x patch tokens `(B, L, D)` -> FLAIR cosines `(B, T)`), each with its weights in a file beside it
+(`*.onnx.data`; one file per int8 graph), the processor files and `flair_onnx.json`; load it
+with `flair_hf.onnx.FlairOnnxModel`. Every graph is checked against PyTorch at batch sizes and caption lengths other
+than the export's before the directory is moved into place. `--quantize int8` applies ONNX Runtime's dynamic int8
+quantization to the weights of every MatMul/Gemm (activations quantized at run time).
+
+The exporter is `torch.onnx.export(dynamo=True)`: it takes the model's own modules through `torch.export`, so each
+graph is a small wrapper around `FlairModel` methods; optimum's exporter carries one model per ONNX config and has no
+slot for a third graph that takes another graph's outputs.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from flair_hf import FlairModel, FlairProcessor
+from flair_hf.modeling_flair import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, flair_cosine
+from flair_hf.onnx import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, FlairOnnxModel
+from flair_hf_conversion.convert_flair_to_hf import ConversionError, check_output_dir, staged_output_dir
+
+OPSET = 18
+QUANTIZATIONS = ("int8",)
+CHECK_TOLERANCE = 1e-4  # fp32 graphs against PyTorch (embeddings and cosines)
+
+
+class TextEncoder(nn.Module):
+    """Token ids `(T, L)` -> global text embeddings `(T, D)`, not normalised (the full pass over the given length)."""
+
+    def __init__(self, model: FlairModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_text_features(input_ids).pooler_output
+
+
+class ImageEncoder(nn.Module):
+    """Pixels `(B, 3, H, W)` -> global image embeddings `(B, D)` and projected patch tokens `(B, L, D)`."""
+
+    def __init__(self, model: FlairModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.get_image_and_token_features(pixel_values)
+
+
+class PairScorer(nn.Module):
+    """Text embeddings `(T, D)` x patch tokens `(B, L, D)` -> FLAIR cosines `(B, T)` (logits without scale and bias)."""
+
+    def __init__(self, model: FlairModel):
+        super().__init__()
+        self.pooling = model.text_conditioned_pooling
+
+    def forward(self, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor) -> torch.Tensor:
+        return flair_cosine(self.pooling(text_embeds, image_token_embeds)[0], text_embeds)
+
+
+def example_inputs(model: FlairModel, texts: int, length: int, images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ids ending in `<end_of_text>` at varied positions, random pixels, and the model's own embeddings of them."""
+    generator = torch.Generator().manual_seed(seed)
+    text, vision = model.config.text_config, model.config.vision_config
+    ids = torch.randint(1, text.eos_token_id, (texts, length), generator=generator)
+    ends = torch.randint(1, length, (texts,), generator=generator)
+    ends[0] = length - 1
+    ids[torch.arange(texts), ends] = text.eos_token_id
+    ids[:, 0] = text.bos_token_id
+    ids[torch.arange(length)[None] > ends[:, None]] = 0
+    pixels = torch.randn(images, 3, vision.image_size, vision.image_size, generator=generator)
+    with torch.no_grad():
+        text_embeds = TextEncoder(model)(ids)
+        image_embeds, tokens = ImageEncoder(model)(pixels)
+    return {"input_ids": ids, "pixel_values": pixels, "text_embeds": text_embeds, "image_token_embeds": tokens}
+
+
+def export_graphs(model: FlairModel, directory: Path) -> None:
+    """The three graphs, with dynamic numbers of texts and images and a dynamic caption length."""
+    inputs = example_inputs(model, texts=3, length=9, images=2)
+    texts, images = torch.export.Dim("texts"), torch.export.Dim("images")
+    length = torch.export.Dim("length", min=2, max=model.config.text_config.max_position_embeddings)
+    graphs = (
+        ("text", TextEncoder(model), ("input_ids",), {"input_ids": {0: texts, 1: length}}, ["text_embeds"]),
+        ("image", ImageEncoder(model), ("pixel_values",), {"pixel_values": {0: images}}, ["image_embeds", "image_token_embeds"]),
+        ("pair", PairScorer(model), ("text_embeds", "image_token_embeds"),
+         {"text_embeds": {0: texts}, "image_token_embeds": {0: images}}, ["cosines"]),
+    )  # fmt: skip
+    for name, module, input_names, dynamic_shapes, output_names in graphs:
+        program = torch.onnx.export(
+            module.eval(), tuple(inputs[i] for i in input_names), dynamo=True, opset_version=OPSET, verbose=False,
+            input_names=list(input_names), output_names=output_names, dynamic_shapes=dynamic_shapes,
+        )  # fmt: skip
+        program.save(str(directory / GRAPHS[name]), external_data=True)  # weights beside the graph: ONNX Runtime maps them
+
+
+def quantize_int8(directory: Path) -> None:
+    """ONNX Runtime dynamic quantization of every graph in place: int8 weights of MatMul/Gemm, activations at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for file in GRAPHS.values():
+        source = directory / file
+        staged = source.with_suffix(".int8.onnx")
+        quantize_dynamic(source, staged, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True)
+        staged.replace(source)  # one file again: the fp32 weights beside it are no longer referenced
+        source.with_name(source.name + ".data").unlink()
+
+
+def check_against_pytorch(model: FlairModel, directory: Path, tolerance: float) -> dict[str, float]:
+    """Max abs differences of the exported graphs from PyTorch on shapes the export did not see."""
+    exported = FlairOnnxModel.from_pretrained(directory)
+    inputs = example_inputs(model, texts=5, length=14, images=3, seed=1)
+    with torch.no_grad():
+        expected_cosines = PairScorer(model)(inputs["text_embeds"], inputs["image_token_embeds"])
+        expected_image = ImageEncoder(model)(inputs["pixel_values"])
+    text = exported.sessions["text"].run(None, {"input_ids": inputs["input_ids"].numpy()})[0]
+    image_embeds, tokens = exported.sessions["image"].run(None, {"pixel_values": inputs["pixel_values"].numpy()})
+    cosines = exported.flair_cosines(inputs["text_embeds"].numpy(), inputs["image_token_embeds"].numpy())
+    differences = {
+        "text_embeds": float(np.abs(text - inputs["text_embeds"].numpy()).max()),
+        "image_embeds": float(np.abs(image_embeds - expected_image[0].numpy()).max()),
+        "image_token_embeds": float(np.abs(tokens - expected_image[1].numpy()).max()),
+        "flair_cosines": float(np.abs(cosines - expected_cosines.numpy()).max()),
+    }
+    worst = max(differences, key=differences.get)
+    if differences[worst] > tolerance:
+        raise ConversionError(f"the exported {worst} differ from PyTorch by {differences[worst]:.2e} (> {tolerance:.0e}); "
+                              "nothing was written")  # fmt: skip
+    return differences
+
+
+def weights_sha256(model_dir: Path) -> str | None:
+    """SHA-256 of a local source's weights (the shards' hashes hashed in name order), to tie the export to them."""
+    files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        file_digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                file_digest.update(block)
+        digest.update(file_digest.digest())
+    return digest.hexdigest()
+
+
+def manifest(model: FlairModel, model_dir: Path, quantize: str | None, differences: dict) -> dict:
+    config = model.config
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "graphs": GRAPHS,
+        "opset": OPSET,
+        "quantization": f"{quantize}-dynamic" if quantize else None,
+        "logit_scale": float(model.logit_scale.detach().exp()),
+        "logit_bias": float(model.logit_bias.detach()),
+        "projection_dim": config.projection_dim,
+        "num_patches": (config.vision_config.image_size // config.vision_config.patch_size) ** 2,
+        "image_size": config.vision_config.image_size,
+        "max_text_length": config.text_config.max_position_embeddings,
+        "length_groups": config.text_config.length_groups,
+        "pair_chunk_sizes": [PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE],
+        "source": {"model": model_dir.name, "revision": getattr(config, "_commit_hash", None), "weights_sha256": weights_sha256(model_dir)},
+        "fp32_max_abs_difference": differences,
+        "torch_version": torch.__version__,
+    }
+
+
+def export(model_dir, output_dir, quantize: str | None = None) -> dict:
+    """Export `model_dir` into `output_dir` atomically (checked against PyTorch first); return a report."""
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ConversionError(f"--quantize {quantize}: not supported; choose one of {', '.join(QUANTIZATIONS)}")
+    output_dir = check_output_dir(output_dir)
+    start = time.perf_counter()
+    try:
+        model = FlairModel.from_pretrained(model_dir).eval().float()
+        processor = FlairProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{model_dir}: cannot load a FLAIR model and processor ({error})") from None
+    source = Path(model_dir)
+    with staged_output_dir(output_dir) as staging:
+        export_graphs(model, staging)
+        processor.save_pretrained(staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest(model, source, None, {}), indent=2))
+        differences = check_against_pytorch(model, staging, CHECK_TOLERANCE)
+        if quantize:
+            quantize_int8(staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest(model, source, quantize, differences), indent=2))
+    return {"output_dir": str(output_dir), "seconds": time.perf_counter() - start, "max_abs_difference": differences}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", help="a converted FLAIR model directory (convert_flair_to_hf.py's output)")
+    parser.add_argument("output_dir", help="directory to create (must not exist or be empty)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="int8: ONNX Runtime dynamic quantization of the weights")
+    args = parser.parse_args(argv)
+    try:
+        report = export(args.model_dir, args.output_dir, args.quantize)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    differences = ", ".join(f"{k} {v:.1e}" for k, v in report["max_abs_difference"].items())
+    print(f"exported {args.model_dir} -> {report['output_dir']} in {report['seconds']:.1f} s (fp32 vs PyTorch: {differences})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

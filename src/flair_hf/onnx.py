@@ -1,0 +1,218 @@
+"""FLAIR on ONNX Runtime alone: no torch, no transformers (NumPy, PIL, ftfy, `tokenizers`, `onnxruntime`).
+
+    from flair_hf.onnx import FlairOnnxModel
+    model = FlairOnnxModel.from_pretrained("flair-onnx")      # written by conversion/export_onnx.py
+    model.score("puppy.jpg", ["a small white puppy", "a red ladybug"])["probs"]
+
+An exported directory holds three graphs that work together: the text encoder (token ids -> global text embeddings),
+the image encoder (pixels -> global image embeddings and projected patch tokens) and the pooling head's pair scorer
+(text embeddings x patch tokens -> FLAIR cosines), the processor files, and `flair_onnx.json` (logit scale and bias,
+sizes, chunk sizes, where the graphs came from)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .preprocessing import FLAIR_PAD_TOKEN_ID, clean_caption, image_to_pixels, open_image
+
+MANIFEST = "flair_onnx.json"
+FORMAT = "flair-onnx"
+FORMAT_VERSION = 1
+GRAPHS = {"text": "text_encoder.onnx", "image": "image_encoder.onnx", "pair": "pair_scorer.onnx"}
+
+
+def is_onnx_export(path) -> bool:
+    """Whether `path` is a directory written by `conversion/export_onnx.py`."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("flair_hf.onnx needs ONNX Runtime: pip install 'flair-hf[onnx]' (or onnxruntime)") from None
+    return onnxruntime
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _texts(texts) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+def _images(images) -> list:
+    """One image (PIL image, path or array) or a list of them, as a list."""
+    return [images] if isinstance(images, (Image.Image, str, os.PathLike, np.ndarray)) else list(images)
+
+
+def _image(item):
+    """A PIL image from a PIL image, a local path or an `(H, W, 3)` / `(H, W)` uint8 array."""
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return open_image(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim in (2, 3):
+        return Image.fromarray(item)
+    raise TypeError(f"FlairOnnxModel got a {type(item).__name__} image; pass a PIL image, a file path or an (H, W, 3) uint8 array")
+
+
+class FlairOnnxModel:
+    """An exported FLAIR model on ONNX Runtime, with `FlairScorer`'s methods (NumPy arrays instead of tensors)."""
+
+    def __init__(self, directory: Path, manifest: dict, sessions: dict, tokenizer, image_settings: dict):
+        self.directory, self.manifest, self.sessions = directory, manifest, sessions
+        self.tokenizer, self.image_settings = tokenizer, image_settings
+        self.logit_scale, self.logit_bias = float(manifest["logit_scale"]), float(manifest["logit_bias"])
+
+    @classmethod
+    def from_pretrained(cls, path, providers: list[str] | None = None, session_options=None) -> "FlairOnnxModel":
+        """Load an export from a local directory (or a Hub repository id, through the local Hub cache when offline).
+        `providers` and `session_options` go to every `onnxruntime.InferenceSession` (default: CPU)."""
+        directory = _local_directory(path)
+        manifest = json.loads((directory / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory / MANIFEST}: not a {FORMAT} v{FORMAT_VERSION} manifest; re-export with this flair-hf")
+        ort = _onnxruntime()
+        sessions = {
+            name: ort.InferenceSession(str(directory / file), session_options, providers=providers or ["CPUExecutionProvider"])
+            for name, file in manifest["graphs"].items()
+        }
+        return cls(directory, manifest, sessions, _text_tokenizer(directory, manifest), _image_settings(directory))
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids (cleaned as open_clip, `<start_of_text>` ... `<end_of_text>`, truncated to the context length)."""
+        return [encoding.ids for encoding in self.tokenizer.encode_batch([clean_caption(t) for t in texts])]
+
+    def pixel_values(self, images) -> np.ndarray:
+        """`(B, 3, H, W)` float32 pixels, exactly as `FlairImageProcessor` makes them."""
+        s = self.image_settings
+        arrays = [image_to_pixels(_image(image), s["shortest_edge"], s["crop_size"], s["image_mean"], s["image_std"],
+                                  s["rescale_factor"], s["resample"]) for image in images]  # fmt: skip
+        return np.stack(arrays) if arrays else np.zeros((0, 3, *s["crop_size"]), dtype=np.float32)
+
+    def text_embeds(self, texts, batch_size: int = 256) -> np.ndarray:
+        """Global text embeddings `(T, D)` of a string or a list of strings, not normalised."""
+        return self.embed_token_ids(self.token_ids(_texts(texts)), batch_size)
+
+    def embed_token_ids(self, ids: list[list[int]], batch_size: int = 256) -> np.ndarray:
+        """Global text embeddings `(T, D)` of token id lists (each ending in `<end_of_text>`), not normalised. As
+        `FlairModel.get_text_embeds`: texts sorted by length into at least `length_groups` calls (of at most
+        `batch_size`), each cut at its longest (later positions cannot reach `<end_of_text>` under the causal mask)."""
+        embeds = np.zeros((len(ids), self.manifest["projection_dim"]), dtype=np.float32)
+        order = np.argsort([len(i) for i in ids], kind="stable")
+        calls = max(-(-len(ids) // batch_size), min(self.manifest["length_groups"], len(ids)))
+        for rows in np.array_split(order, calls) if len(ids) else []:
+            batch = np.full((len(rows), max(len(ids[r]) for r in rows)), FLAIR_PAD_TOKEN_ID, dtype=np.int64)
+            for row, index in enumerate(rows):
+                batch[row, : len(ids[index])] = ids[index]
+            embeds[rows] = self.sessions["text"].run(None, {"input_ids": batch})[0]
+        return embeds
+
+    def image_features(self, images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Global image embeddings `(B, D)` and projected patch tokens `(B, L, D)`, not normalised."""
+        images = _images(images)
+        embeds, tokens = [], []
+        for start in range(0, len(images), batch_size):
+            pixels = self.pixel_values(images[start : start + batch_size])
+            batch_embeds, batch_tokens = self.sessions["image"].run(None, {"pixel_values": pixels})
+            embeds.append(batch_embeds)
+            tokens.append(batch_tokens)
+        if not embeds:
+            dim, patches = self.manifest["projection_dim"], self.manifest["num_patches"]
+            return np.zeros((0, dim), np.float32), np.zeros((0, patches, dim), np.float32)
+        return np.concatenate(embeds), np.concatenate(tokens)
+
+    def flair_cosines(self, text_embeds: np.ndarray, image_token_embeds: np.ndarray) -> np.ndarray:
+        """Cosine of each image pooled for each text with that text `(B, T)`, in blocks of the export's chunk sizes."""
+        image_chunk, text_chunk = self.manifest["pair_chunk_sizes"]
+        cosines = np.zeros((len(image_token_embeds), len(text_embeds)), dtype=np.float32)
+        for i in range(0, len(image_token_embeds), image_chunk):
+            for t in range(0, len(text_embeds), text_chunk):
+                feed = {"text_embeds": text_embeds[t : t + text_chunk], "image_token_embeds": image_token_embeds[i : i + image_chunk]}
+                cosines[i : i + image_chunk, t : t + text_chunk] = self.sessions["pair"].run(None, feed)[0]
+        return cosines
+
+    def encode_text(self, texts, batch_size: int = 256) -> np.ndarray:
+        """L2-normalised global embeddings `(T, D)` (float32) of a string or a list of strings."""
+        return _normalize(self.text_embeds(texts, batch_size))
+
+    def encode_image(self, images, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised global embeddings `(B, D)` (float32) of one image or a list."""
+        return _normalize(self.image_features(images, batch_size)[0])
+
+    def score(self, images, texts) -> dict[str, np.ndarray]:
+        """FLAIR logits `(B, T)` of images against texts, with `probs` (softmax over the texts), `sigmoid_probs` and
+        the global `logits_as_clip`, as `FlairScorer.score`."""
+        images, texts = _images(images), _texts(texts)
+        if not images or not texts:
+            raise ValueError(f"score() got {len(images)} images and {len(texts)} texts: pass at least one of each")
+        text_embeds = self.text_embeds(texts)
+        image_embeds, tokens = self.image_features(images)
+        logits = self.logit_scale * self.flair_cosines(text_embeds, tokens) + self.logit_bias
+        return {
+            "logits": logits,
+            "probs": _softmax(logits),
+            "sigmoid_probs": 1 / (1 + np.exp(-logits)),
+            "logits_as_clip": self.logit_scale * _normalize(image_embeds) @ _normalize(text_embeds).T,
+        }
+
+
+def _local_directory(path) -> Path:
+    """`path` if it is a directory, else the snapshot of Hub repository `path` (a clear error when it cannot be had)."""
+    if Path(path).is_dir():
+        if not is_onnx_export(path):
+            raise FileNotFoundError(f"{path}: no {MANIFEST}; export a model first: python conversion/export_onnx.py MODEL_DIR {path}")
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(str(path)))
+    except Exception as error:  # noqa: BLE001  (offline, unknown repository, no access)
+        raise OSError(f"{path}: not a local directory, and the Hub repository could not be fetched ({type(error).__name__}); "
+                      "pass the directory conversion/export_onnx.py wrote") from None  # fmt: skip
+    if not is_onnx_export(directory):
+        raise FileNotFoundError(f"Hub repository {path} has no {MANIFEST}: it is not an ONNX export of flair-hf")
+    return directory
+
+
+def _text_tokenizer(directory: Path, manifest: dict):
+    """The saved `tokenizer.json` truncating to the context length (special tokens included), without padding."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(manifest["max_text_length"])
+    return tokenizer
+
+
+def _image_settings(directory: Path) -> dict:
+    """The image processor's settings from the saved processor files."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        if (directory / name).is_file():
+            config = json.loads((directory / name).read_text())
+            config = config[key] if key else config
+            break
+    else:
+        raise FileNotFoundError(f"{directory}: no processor_config.json or preprocessor_config.json; re-export the model")
+    crop = config["crop_size"]
+    return {
+        "shortest_edge": config["size"]["shortest_edge"] if config.get("do_resize", True) else None,
+        "crop_size": (crop["height"], crop["width"]) if config.get("do_center_crop", True) else None,
+        "image_mean": config["image_mean"] if config.get("do_normalize", True) else None,
+        "image_std": config["image_std"],
+        "rescale_factor": config["rescale_factor"] if config.get("do_rescale", True) else None,
+        "resample": config.get("resample", 3),
+    }
+
+
+__all__ = ["FlairOnnxModel", "is_onnx_export"]

@@ -1,0 +1,168 @@
+"""ONNX Runtime deployment: `conversion/export_onnx.py` and `flair_hf.onnx.FlairOnnxModel` against PyTorch
+(`FlairScorer`), on the tiny model and the full-size ViT-B/16 (manifest weights); int8 drift within measured bounds;
+the runtime in an interpreter where torch and transformers are not installed."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import FIXTURES
+from flair_hf.onnx import FlairOnnxModel
+from flair_hf_benchmarks.benchmark_onnx import runtime_only_command
+from flair_hf_conversion import export_onnx
+
+IMAGES = sorted(str(p) for p in (FIXTURES / "images").iterdir())
+# lengths from 2 tokens ("") to past the context (truncated), in an order that is not sorted by length
+TEXTS = [
+    "a photo of a dog",
+    "",
+    "In the image, a small white puppy with black ears and eyes is the main subject, " * 6,
+    "A red ladybug is surrounded by green glass beads",
+    "two",
+]
+# int8 drift measured by benchmarks/benchmark_onnx.py and on the full-size manifest model (README, "Deploying"),
+# with margin: the smallest embedding cosine to fp32 and the largest FLAIR logit difference
+INT8_MIN_COSINE, INT8_MAX_LOGIT_DIFFERENCE = 0.99, 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
+    assert export_onnx.main([str(tiny_dir), str(output)]) == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def full_onnx(full_size_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("onnx") / "full-onnx"
+    export_onnx.export(full_size_dir, output)
+    return output
+
+
+def assert_scores_equal(scorer, exported: FlairOnnxModel, images, texts, tolerance: float) -> None:
+    expected, got = scorer.score(images, texts), exported.score(images, texts)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value.numpy(), atol=tolerance, rtol=0, err_msg=key)
+    np.testing.assert_allclose(exported.encode_text(texts), scorer.encode_text(texts).numpy(), atol=tolerance, rtol=0)
+    np.testing.assert_allclose(exported.encode_image(images), scorer.encode_image(images).numpy(), atol=tolerance, rtol=0)
+
+
+def test_export_writes_three_graphs_the_processor_and_a_shareable_manifest(tiny_onnx, tiny_dir):
+    manifest = json.loads((tiny_onnx / "flair_onnx.json").read_text())
+    for file in manifest["graphs"].values():
+        onnx.checker.check_model(str(tiny_onnx / file))
+    assert {"tokenizer.json", "processor_config.json"} <= {p.name for p in tiny_onnx.iterdir()}
+    assert manifest["source"]["model"] == tiny_dir.name and str(tiny_dir.parent) not in json.dumps(manifest)
+    assert manifest["quantization"] is None and max(manifest["fp32_max_abs_difference"].values()) < 1e-4
+    assert manifest["logit_scale"] == pytest.approx(10.0) and manifest["logit_bias"] == pytest.approx(-2.5)
+
+
+@pytest.mark.parametrize("images, texts", [(IMAGES, TEXTS), (IMAGES[:1], TEXTS[:1]), (IMAGES[2:5], TEXTS[::-1] * 3)])
+def test_tiny_onnx_equals_pytorch_at_other_batch_sizes_and_lengths(tiny_onnx, tiny_scorer, images, texts):
+    assert_scores_equal(tiny_scorer, FlairOnnxModel.from_pretrained(tiny_onnx), images, texts, tolerance=1e-4)
+
+
+def test_full_size_onnx_equals_pytorch(full_onnx, full_size_dir):
+    from flair_hf import FlairScorer
+
+    assert_scores_equal(FlairScorer.from_pretrained(full_size_dir), FlairOnnxModel.from_pretrained(full_onnx), IMAGES, TEXTS, 1e-4)
+
+
+def test_runtime_tokens_and_pixels_equal_the_processor(tiny_onnx, tiny_scorer):
+    cases = json.loads((FIXTURES / "tokenizer_cases.json").read_text())["cases"]
+    exported = FlairOnnxModel.from_pretrained(tiny_onnx)
+    assert exported.token_ids([c["text"] for c in cases]) == [c["input_ids"] for c in cases]  # the original's ids
+    expected = tiny_scorer.processor(images=IMAGES)["pixel_values"].numpy()
+    assert np.array_equal(exported.pixel_values(IMAGES), expected)
+
+
+def test_runtime_needs_neither_torch_nor_transformers(tiny_onnx, tiny_scorer, tmp_path):
+    code = """
+import json, sys
+from flair_hf.onnx import FlairOnnxModel
+scores = FlairOnnxModel.from_pretrained(sys.argv[1]).score(json.loads(sys.argv[2]), json.loads(sys.argv[3]))
+print(json.dumps({"logits": scores["logits"].tolist(), "imported": [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]}))
+"""
+    command = runtime_only_command(tmp_path / "site", code, str(tiny_onnx), json.dumps(IMAGES), json.dumps(TEXTS))
+    result = subprocess.run([*command[:2], "-c", "import torch"], capture_output=True, text=True)
+    assert result.returncode and "No module named 'torch'" in result.stderr  # the interpreter has no torch at all
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = json.loads(result.stdout)
+    assert output["imported"] == []
+    np.testing.assert_allclose(output["logits"], tiny_scorer.score(IMAGES, TEXTS)["logits"].numpy(), atol=1e-4)
+
+
+def test_int8_quantizes_the_matmuls_and_drifts_within_measured_bounds(full_onnx, tmp_path):
+    int8_dir = tmp_path / "int8"
+    shutil.copytree(full_onnx, int8_dir)
+    export_onnx.quantize_int8(int8_dir)
+    ops = {node.op_type for node in onnx.load(str(int8_dir / "image_encoder.onnx")).graph.node}
+    assert ops & {"DynamicQuantizeMatMul", "MatMulInteger"}, ops
+    fp32, int8 = FlairOnnxModel.from_pretrained(full_onnx), FlairOnnxModel.from_pretrained(int8_dir)
+    for encode, items in (("encode_text", TEXTS), ("encode_image", IMAGES)):
+        cosines = (getattr(fp32, encode)(items) * getattr(int8, encode)(items)).sum(-1)
+        assert cosines.min() > INT8_MIN_COSINE, (encode, cosines)
+    difference = np.abs(fp32.score(IMAGES, TEXTS)["logits"] - int8.score(IMAGES, TEXTS)["logits"]).max()
+    assert 0 < difference < INT8_MAX_LOGIT_DIFFERENCE
+
+
+def test_quantize_cli_marks_the_manifest(tiny_dir, tmp_path):
+    assert export_onnx.main([str(tiny_dir), str(tmp_path / "int8"), "--quantize", "int8"]) == 0
+    assert json.loads((tmp_path / "int8" / "flair_onnx.json").read_text())["quantization"] == "int8-dynamic"
+
+
+def test_export_checks_parity_before_anything_is_written(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export_onnx, "CHECK_TOLERANCE", 0.0)
+    assert export_onnx.main([str(tiny_dir), str(tmp_path / "out")]) == 1
+    assert "differ from PyTorch" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no output, no staging directory left
+
+
+def test_export_refuses_a_non_empty_output_and_a_directory_that_is_not_a_model(tiny_onnx, tmp_path, capsys):
+    assert export_onnx.main([str(tmp_path), str(tiny_onnx)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert export_onnx.main([str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "cannot load a FLAIR model" in capsys.readouterr().err
+
+
+def test_runtime_errors_name_the_problem(tiny_onnx, tiny_dir, monkeypatch):
+    exported = FlairOnnxModel.from_pretrained(tiny_onnx)
+    with pytest.raises(ValueError, match="0 images and 1 texts"):
+        exported.score([], "a dog")
+    with pytest.raises(ValueError, match="1 images and 0 texts"):
+        exported.score(IMAGES[0], [])
+    with pytest.raises(TypeError, match="uint8"):
+        exported.encode_image(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(FileNotFoundError, match="export a model first"):
+        FlairOnnxModel.from_pretrained(tiny_dir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="not a local directory"):
+        FlairOnnxModel.from_pretrained("nobody/no-such-flair-onnx")
+
+
+def test_onnx_on_one_array_image_equals_pytorch(tiny_onnx, tiny_scorer):
+    array = np.asarray(torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8))
+    assert_scores_equal(tiny_scorer, FlairOnnxModel.from_pretrained(tiny_onnx), array, "a dog", tolerance=1e-4)
+
+
+def test_benchmark_onnx_runs_at_small_scale(tiny_dir, tmp_path):
+    from flair_hf_benchmarks import benchmark_onnx
+
+    output = tmp_path / "onnx.json"
+    results = benchmark_onnx.main(["--model-dir", str(tiny_dir), "--images", "2", "--texts", "8", "--pair-images", "2",
+                                   "--pair-texts", "8", "--rounds", "1", "--output", str(output)])  # fmt: skip
+    assert json.loads(output.read_text()) == json.loads(json.dumps(results))
+    for backend in benchmark_onnx.BACKENDS:
+        row = results["backends"][backend]
+        assert row["peak_memory_mib"] > 0 and all(row[w]["items_per_second"] > 0 for w in ("image", "text", "pair"))
+    assert results["backends"]["onnx-fp32"]["peak_memory_mib"] < results["backends"]["pytorch"]["peak_memory_mib"]
+    assert results["int8_drift"]["top1_caption_agreement"] >= 0.5
+    assert Path(str(tiny_dir)).name in results["model"]
