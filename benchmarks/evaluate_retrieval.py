@@ -22,33 +22,24 @@ import torch
 
 from flair_hf_benchmarks.model_loading import load_model_and_processor
 from flair_hf_benchmarks.reporting import write_results
+from flair_hf_conversion.convert_flair_to_hf import file_digest, local_revision
 
-from flair_hf import FlairModel
 from flair_hf.evaluation import MODES, PAPER_R1, PAPER_SET_SIZES, evaluate_retrieval
 from flair_hf.retrieval_data import LAYOUTS, BenchmarkDataError, load_benchmark, load_hub_benchmark
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def file_digest(path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def model_revision(model: FlairModel, model_id: str) -> str:
-    """Hub commit for Hub models; for local directories a hash of the contents of every weights file (sharded too)."""
+def model_revision(model, model_id: str) -> str:
+    """Hub commit for Hub models; for local directories a hash of the contents of every weights file (sharded too;
+    an ONNX export's graphs and their weights)."""
     commit = getattr(model.config, "_commit_hash", None)
     if commit:
         return commit
-    weights = sorted(Path(model_id).glob("*.safetensors"))
-    if not weights:
-        raise SystemExit(f"--model {model_id}: no .safetensors weights to key the feature cache on")
-    digest = hashlib.sha256("".join(f"{path.name}:{file_digest(path)};" for path in weights).encode())
-    return "local-" + digest.hexdigest()[:16]
+    revision = local_revision(model_id, ("*.safetensors", "*.onnx", "*.onnx.data"))
+    if revision is None:
+        raise SystemExit(f"--model {model_id}: no .safetensors or .onnx weights to key the feature cache on")
+    return revision
 
 
 def cache_key(revision: str, benchmark: str, dataset, dtype: str) -> str:

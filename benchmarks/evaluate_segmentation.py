@@ -83,7 +83,8 @@ def main(argv=None) -> list[dict]:
         datasets_to_run = [(name, load_segmentation_benchmark(name, args.data_root, args.max_images)) for name in args.benchmark]
     except BenchmarkDataError as error:
         raise SystemExit(f"error: {error}") from None
-    model, processor = load_model_and_processor(args.model, getattr(torch, args.dtype), args.device)
+    # segmentation reads the pooling head's attention maps over sliding windows, which an ONNX export does not carry
+    model, processor = load_model_and_processor(args.model, getattr(torch, args.dtype), args.device, onnx=False)
     tokenizer = processor.tokenizer
     results = []
     for name, dataset in datasets_to_run:

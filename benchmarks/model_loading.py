@@ -1,20 +1,67 @@
 """The evaluation CLIs' `--model`: a converted or trained FLAIR directory (checked for every file it needs, so a
-missing one is one line naming it) or a Hub id."""
+missing one is one line naming it), an ONNX export (`conversion/export_onnx.py`, detected by its `flair_onnx.json`)
+or a Hub id."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from flair_hf import FlairModel, FlairProcessor
+from flair_hf.onnx import FlairOnnxModel, is_onnx_export
 
 # what conversion/convert_flair_to_hf.py and training/train.py write besides the weights
 NEEDED_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-def load_model_and_processor(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """`(FlairModel in eval mode on device, FlairProcessor)`; a one-line `SystemExit` for an incomplete directory or a
-    Hub id that cannot be fetched."""
+def onnx_providers(device: str) -> list[str]:
+    """ONNX Runtime's execution providers for a torch device name."""
+    import onnxruntime
+
+    cuda = device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
+class OnnxEvaluationModel:
+    """An ONNX export behind the `FlairModel` methods that the evaluation functions call (tensors in and out, on the
+    CPU); its `text_conditioned_pooling` is the export's pair scorer, which `flair_hf.retrieval.flair_scores` runs."""
+
+    training = False
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, exported: FlairOnnxModel):
+        self.exported = self.text_conditioned_pooling = exported
+        self.config = SimpleNamespace(projection_dim=exported.manifest["projection_dim"], _commit_hash=None)
+
+    def eval(self) -> "OnnxEvaluationModel":
+        return self
+
+    def train(self, mode: bool = True) -> "OnnxEvaluationModel":
+        if mode:
+            raise ValueError("an ONNX export cannot be trained")
+        return self
+
+    def get_text_embeds(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        ids = [row[: int(row.argmax()) + 1].tolist() for row in input_ids]  # up to <end_of_text>, the largest id
+        return torch.from_numpy(self.exported.embed_token_ids(ids))
+
+    def get_image_and_token_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, tokens = self.exported.sessions["image"].run(None, {"pixel_values": pixel_values.float().cpu().numpy()})
+        return torch.from_numpy(embeds), torch.from_numpy(tokens)
+
+
+def load_model_and_processor(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu", onnx: bool = True):
+    """`(FlairModel in eval mode on device, FlairProcessor)`, or for an ONNX export (when `onnx`) an
+    `OnnxEvaluationModel` (ONNX Runtime's CUDA provider for a CUDA `device` where it is installed, else the CPU's); a one-line `SystemExit` for an incomplete directory or a Hub
+    id that cannot be fetched."""
     path = Path(model)
+    if is_onnx_export(path):
+        if not onnx:
+            raise SystemExit(f"error: --model {model} is an ONNX export, which this evaluation cannot run; give the model directory it was exported from")
+        if dtype != torch.float32:
+            raise SystemExit(f"error: --model {model} is an ONNX export: it runs in the precision it was exported in; drop --dtype")
+        return OnnxEvaluationModel(FlairOnnxModel.from_pretrained(path, onnx_providers(device))), FlairProcessor.from_pretrained(path)
     if path.is_dir():
         missing = [name for name in NEEDED_FILES if not (path / name).is_file()]
         missing += [] if any(path.glob("*.safetensors")) else ["model.safetensors"]

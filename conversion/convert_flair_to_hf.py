@@ -11,6 +11,7 @@ and moved into place only when everything (including `--verify`) succeeded.
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -515,6 +516,23 @@ def push_to_hub(directory: Path, repo_id: str, source: str, differences: dict | 
             f"push to the Hub repository {repo_id} failed ({type(error).__name__}: {error}); the converted model is "
             f"kept in {directory}. Check your network and `hf auth login`, then upload that folder."
         ) from error
+
+
+def file_digest(path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def local_revision(directory, patterns=("*.safetensors",)) -> str | None:
+    """`local-` and a hash of the names and contents of a local model's weights files (`patterns`); None without any."""
+    files = sorted(p for pattern in patterns for p in Path(directory).glob(pattern)) if Path(directory).is_dir() else []
+    if not files:
+        return None
+    return "local-" + hashlib.sha256("".join(f"{path.name}:{file_digest(path)};" for path in files).encode()).hexdigest()[:16]
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> Path:

@@ -17,7 +17,6 @@ slot for a third graph that takes another graph's outputs.
 """
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ from torch import nn
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.modeling_flair import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, flair_cosine
 from flair_hf.onnx import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, FlairOnnxModel
-from flair_hf_conversion.convert_flair_to_hf import ConversionError, check_output_dir, staged_output_dir
+from flair_hf_conversion.convert_flair_to_hf import ConversionError, check_output_dir, local_revision, staged_output_dir
 
 OPSET = 18
 QUANTIZATIONS = ("int8",)
@@ -141,21 +140,6 @@ def check_against_pytorch(model: FlairModel, directory: Path, tolerance: float) 
     return differences
 
 
-def weights_sha256(model_dir: Path) -> str | None:
-    """SHA-256 of a local source's weights (the shards' hashes hashed in name order), to tie the export to them."""
-    files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        file_digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                file_digest.update(block)
-        digest.update(file_digest.digest())
-    return digest.hexdigest()
-
-
 def manifest(model: FlairModel, model_dir: Path, quantize: str | None, differences: dict) -> dict:
     config = model.config
     return {
@@ -172,7 +156,7 @@ def manifest(model: FlairModel, model_dir: Path, quantize: str | None, differenc
         "max_text_length": config.text_config.max_position_embeddings,
         "length_groups": config.text_config.length_groups,
         "pair_chunk_sizes": [PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE],
-        "source": {"model": model_dir.name, "revision": getattr(config, "_commit_hash", None), "weights_sha256": weights_sha256(model_dir)},
+        "source": {"model": model_dir.name, "revision": getattr(config, "_commit_hash", None) or local_revision(model_dir)},
         "fp32_max_abs_difference": differences,
         "torch_version": torch.__version__,
     }

@@ -69,6 +69,16 @@ def tiny_scorer(tiny_dir, tiny_model):
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx(tiny_dir, tmp_path_factory):
+    """The tiny model exported to ONNX (fp32) by the export CLI."""
+    from flair_hf_conversion import export_onnx
+
+    output = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
+    assert export_onnx.main([str(tiny_dir), str(output)]) == 0
+    return output
+
+
+@pytest.fixture(scope="session")
 def full_size_checkpoint(tmp_path_factory):
     """The manifest recipe's seed-1000 weights written as an original open_clip `.pt` (bare state dict)."""
     path = tmp_path_factory.mktemp("full") / "vit-b-16-flair-seed1000.pt"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from PIL import Image
 import pytest
 import torch
 
@@ -29,13 +30,6 @@ TEXTS = [
 # int8 drift measured by benchmarks/benchmark_onnx.py and on the full-size manifest model (README, "Deploying"),
 # with margin: the smallest embedding cosine to fp32 and the largest FLAIR logit difference
 INT8_MIN_COSINE, INT8_MAX_LOGIT_DIFFERENCE = 0.99, 0.5
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_dir, tmp_path_factory):
-    output = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
-    assert export_onnx.main([str(tiny_dir), str(output)]) == 0
-    return output
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +160,34 @@ def test_benchmark_onnx_runs_at_small_scale(tiny_dir, tmp_path):
     assert results["backends"]["onnx-fp32"]["peak_memory_mib"] < results["backends"]["pytorch"]["peak_memory_mib"]
     assert results["int8_drift"]["top1_caption_agreement"] >= 0.5
     assert Path(str(tiny_dir)).name in results["model"]
+
+
+def test_retrieval_and_classification_clis_take_an_export_and_agree_with_pytorch(tiny_onnx, tiny_dir, tmp_path):
+    from benchmark_layouts import build_data_root
+
+    from flair_hf_benchmarks import evaluate_classification, evaluate_retrieval
+
+    data_root = build_data_root(tmp_path / "retrieval")
+    for mode in ("flair", "topk"):
+        runs = [evaluate_retrieval.main(["--model", str(model), "--data-root", str(data_root), "--benchmark", "coco", "--mode", mode,
+                                         "--topk", "2", "--output", str(tmp_path / f"{mode}.json")])[0]  # fmt: skip
+                for model in (tiny_dir, tiny_onnx)]
+        assert runs[0]["metrics"] == runs[1]["metrics"] and runs[0]["model_revision"] != runs[1]["model_revision"], mode
+    images = tmp_path / "classes"
+    for c, name in enumerate(("golden_retriever", "sports_car", "tree")):
+        (images / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.random.default_rng(10 * c + i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / name / f"{i}.png")
+    runs = [evaluate_classification.main(["--model", str(model), "--data-root", str(images), "--output", str(tmp_path / "c.json")])
+            for model in (tiny_dir, tiny_onnx)]  # fmt: skip
+    assert runs[0]["accuracy"] == runs[1]["accuracy"]
+
+
+def test_segmentation_cli_refuses_an_export_in_one_line(tiny_onnx, tmp_path):
+    from segmentation_layouts import build_segmentation_root
+
+    from flair_hf_benchmarks import evaluate_segmentation
+
+    root = build_segmentation_root(tmp_path / "data")
+    with pytest.raises(SystemExit, match="is an ONNX export, which this evaluation cannot run"):
+        evaluate_segmentation.main(["--model", str(tiny_onnx), "--benchmark", "voc20", "--data-root", str(root)])

@@ -70,7 +70,12 @@ def flair_scores(
     (e.g. `torch.bfloat16` on CUDA) runs the attention under autocast; scores are returned as float32 on the CPU.
     The output projection is never applied: `text_j . (W a + b) = a . (W^T text_j) + text_j . b`, and the norm comes
     from `output_norm_factors` (about half the multiply-adds).
+
+    `pooling` may also be an exported head with `flair_cosines(text_embeds, image_token_embeds)` (NumPy in and out,
+    e.g. `flair_hf.onnx.FlairOnnxModel`), which then scores every pair itself.
     """
+    if hasattr(pooling, "flair_cosines"):
+        return torch.from_numpy(pooling.flair_cosines(text_embeds.float().cpu().numpy(), image_token_embeds.float().cpu().numpy()))
     device = torch.device(device) if device is not None else pooling.q_proj.weight.device
     scores = torch.empty(image_token_embeds.shape[0], text_embeds.shape[0], device=device)  # copied to the CPU once
     columns, bias_norm = output_norm_factors(pooling)
