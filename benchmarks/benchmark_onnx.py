@@ -30,12 +30,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flair_hf import FlairConfig, FlairModel
 from flair_hf.modeling_flair import flair_cosine
-from flair_hf.onnx import FlairOnnxModel
+from flair_hf.onnx import FlairOnnxModel, ids_up_to_end_of_text
 from flair_hf_benchmarks.benchmark_scoring import matmul_peak_gflops
 from flair_hf_benchmarks.benchmark_training import caption_ids
 from flair_hf_benchmarks.reporting import write_json
 from flair_hf_conversion.convert_flair_to_hf import build_processor
-from flair_hf_conversion.export_onnx import export
+from flair_hf_conversion.export_onnx import embedding_cosines, export
 
 BACKENDS = ("pytorch", "onnx-fp32", "onnx-int8")
 # what flair_hf.onnx imports, by distribution (with their own requirements): the deployment's packages
@@ -83,7 +83,7 @@ def workloads(backend, inputs: dict) -> dict:
 
         return {"image": lambda: backend.get_image_and_token_features(pixels), "text": lambda: backend.get_text_embeds(ids), "pair": pairs}
     return {
-        "image": lambda: backend.sessions["image"].run(None, {"pixel_values": inputs["pixels"]}),
+        "image": lambda: backend.pixel_features(inputs["pixels"]),
         "text": lambda: backend.embed_token_ids(inputs["id_lists"]),
         "pair": lambda: backend.flair_cosines(inputs["text_embeds"], inputs["image_token_embeds"]),
     }
@@ -97,7 +97,7 @@ def make_inputs(model: FlairModel, images: int, texts: int, pair_images: int, pa
     with torch.no_grad():
         tokens = model.get_image_token_features(torch.randn(pair_images, 3, size, size, generator=generator))
         text_embeds = model.get_text_embeds(caption_ids(pair_texts, "flair", seed=2))
-    id_lists = [row[: int(row.argmax()) + 1].tolist() for row in ids]
+    id_lists = ids_up_to_end_of_text(ids.numpy())
     return {"ids": ids.numpy(), "id_lists": id_lists, "pixels": pixels.numpy(), "text_embeds": text_embeds.numpy(),
             "image_token_embeds": tokens.numpy()}  # fmt: skip
 
@@ -129,16 +129,13 @@ def time_interleaved(backends: dict, inputs: dict, rounds: int) -> dict:
 
 def drift(backends: dict, inputs: dict) -> dict:
     """int8 against fp32 ONNX: embedding cosines, max FLAIR logit difference, top-1 caption agreement per image."""
-    fp32, int8 = backends["onnx-fp32"], backends["onnx-int8"]
-    def unit(x):
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    text = [m.embed_token_ids(inputs["id_lists"]) for m in (fp32, int8)]
-    image = [m.sessions["image"].run(None, {"pixel_values": inputs["pixels"]}) for m in (fp32, int8)]
-    logits = [m.logit_scale * m.flair_cosines(t, i[1]) + m.logit_bias for m, t, i in zip((fp32, int8), text, image)]
+    models = backends["onnx-fp32"], backends["onnx-int8"]
+    text = [m.embed_token_ids(inputs["id_lists"]) for m in models]
+    image = [m.pixel_features(inputs["pixels"]) for m in models]
+    logits = [m.flair_logits(t, i[1]) for m, t, i in zip(models, text, image)]
     return {
-        "text_embedding_cosine_min": float((unit(text[0]) * unit(text[1])).sum(-1).min()),
-        "image_embedding_cosine_min": float((unit(image[0][0]) * unit(image[1][0])).sum(-1).min()),
+        "text_embedding_cosine_min": float(embedding_cosines(*text).min()),
+        "image_embedding_cosine_min": float(embedding_cosines(image[0][0], image[1][0]).min()),
         "flair_logit_max_abs_difference": float(np.abs(logits[0] - logits[1]).max()),
         "top1_caption_agreement": float((logits[0].argmax(-1) == logits[1].argmax(-1)).mean()),
     }
@@ -165,13 +162,12 @@ def peak_rss_mib() -> float:
 # the ONNX Runtime probe, runnable without torch: load, run the three workloads once, print the peak RSS in MiB
 RUNTIME_PROBE = inspect.getsource(peak_rss_mib) + """
 import sys, numpy as np
-from flair_hf.onnx import FlairOnnxModel
+from flair_hf.onnx import FlairOnnxModel, ids_up_to_end_of_text
 assert "torch" not in sys.modules and "transformers" not in sys.modules
 m = FlairOnnxModel.from_pretrained(sys.argv[1])
 inputs = dict(np.load(sys.argv[2], allow_pickle=False))
-ids = [row[: int(row.argmax()) + 1].tolist() for row in inputs["ids"]]
-m.sessions["image"].run(None, {"pixel_values": inputs["pixels"]})
-m.embed_token_ids(ids)
+m.pixel_features(inputs["pixels"])
+m.embed_token_ids(ids_up_to_end_of_text(inputs["ids"]))
 m.flair_cosines(inputs["text_embeds"], inputs["image_token_embeds"])
 assert "torch" not in sys.modules
 print(peak_rss_mib())

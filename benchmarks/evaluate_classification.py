@@ -73,7 +73,7 @@ def load_images(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="converted FLAIR directory or Hub id")
+    parser.add_argument("--model", required=True, help="converted FLAIR directory, ONNX export (conversion/export_onnx.py) or Hub id")
     parser.add_argument("--dataset", default="imagefolder", help="imagenet-1k, imagefolder (default) or a Hub dataset id")
     parser.add_argument("--data-root", help="local ImageFolder (for imagenet-1k: the val folder of WordNet-id folders)")
     parser.add_argument("--split", default="validation", help="split of a Hub dataset (default: validation)")

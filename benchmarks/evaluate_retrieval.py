@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from flair_hf_benchmarks.model_loading import load_model_and_processor
+from flair_hf_benchmarks.model_loading import OnnxEvaluationModel, load_model_and_processor
 from flair_hf_benchmarks.reporting import write_results
 from flair_hf_conversion.convert_flair_to_hf import file_digest, local_revision
 
@@ -95,7 +95,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def parse_args(argv=None):
     layouts = "original layouts under --data-root:\n" + "\n".join(f"  {name}: {layout}" for name, layout in LAYOUTS.items())
     parser = argparse.ArgumentParser(description=__doc__, epilog=layouts, formatter_class=HelpFormatter)
-    parser.add_argument("--model", required=True, help="converted FLAIR directory or Hub id")
+    parser.add_argument("--model", required=True, help="converted FLAIR directory, ONNX export (conversion/export_onnx.py) or Hub id")
     parser.add_argument("--benchmark", action="append", choices=sorted(LAYOUTS), help="repeat for several")
     parser.add_argument("--data-root", help="root holding the benchmarks' original layouts")
     parser.add_argument("--hub-dataset", help="evaluate a Hub dataset copy instead of a local layout (online only)")
@@ -134,6 +134,8 @@ def main(argv=None) -> list[dict]:
     except BenchmarkDataError as error:
         raise SystemExit(f"error: {error}") from None
     model, processor = load_model_and_processor(args.model, device=args.device)
+    if args.autocast and isinstance(model, OnnxEvaluationModel):
+        raise SystemExit(f"error: --model {args.model} is an ONNX export: it runs in the precision it was exported in; drop --autocast")
     revision = model_revision(model, args.model)
     results = []
     for name, dataset in datasets_to_run:

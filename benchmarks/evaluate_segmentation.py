@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from flair_hf_benchmarks.model_loading import load_model_and_processor
+from flair_hf_benchmarks.model_loading import OnnxEvaluationModel, load_model_and_processor
 from flair_hf_benchmarks.reporting import published_comparison, write_results
 
 from flair_hf.retrieval_data import BenchmarkDataError
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=layouts, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="converted FLAIR directory or Hub id")
+    parser.add_argument("--model", required=True, help="converted FLAIR directory, ONNX export (conversion/export_onnx.py) or Hub id")
     parser.add_argument("--benchmark", action="append", required=True, choices=sorted(SEGMENTATION_SETS), help="repeat for several")
     parser.add_argument("--data-root", required=True, help="root holding the benchmarks' layouts (see below)")
     parser.add_argument("--method", choices=["similarity", "attention"], default="similarity",
@@ -83,8 +83,10 @@ def main(argv=None) -> list[dict]:
         datasets_to_run = [(name, load_segmentation_benchmark(name, args.data_root, args.max_images)) for name in args.benchmark]
     except BenchmarkDataError as error:
         raise SystemExit(f"error: {error}") from None
-    # segmentation reads the pooling head's attention maps over sliding windows, which an ONNX export does not carry
-    model, processor = load_model_and_processor(args.model, getattr(torch, args.dtype), args.device, onnx=False)
+    model, processor = load_model_and_processor(args.model, getattr(torch, args.dtype), args.device)
+    size = model.config.vision_config.image_size
+    if isinstance(model, OnnxEvaluationModel) and args.crop != size:
+        raise SystemExit(f"error: --model {args.model} is an ONNX export, which takes {size}x{size} windows only: use --crop {size}")
     tokenizer = processor.tokenizer
     results = []
     for name, dataset in datasets_to_run:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from flair_hf import FlairModel, FlairProcessor
-from flair_hf.onnx import FlairOnnxModel, is_onnx_export
+from flair_hf.onnx import FlairOnnxModel, ids_up_to_end_of_text, is_onnx_export
 
 # what conversion/convert_flair_to_hf.py and training/train.py write besides the weights
 NEEDED_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -18,8 +18,11 @@ def onnx_providers(device: str) -> list[str]:
     """ONNX Runtime's execution providers for a torch device name."""
     import onnxruntime
 
-    cuda = device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    if not device.startswith("cuda"):
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise SystemExit("error: --device cuda with an ONNX export needs onnxruntime-gpu (this ONNX Runtime has no CUDA provider); or pass --device cpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 class OnnxEvaluationModel:
@@ -32,7 +35,9 @@ class OnnxEvaluationModel:
 
     def __init__(self, exported: FlairOnnxModel):
         self.exported = self.text_conditioned_pooling = exported
-        self.config = SimpleNamespace(projection_dim=exported.manifest["projection_dim"], _commit_hash=None)
+        manifest = exported.manifest
+        vision = SimpleNamespace(image_size=manifest["image_size"], patch_size=manifest["patch_size"])
+        self.config = SimpleNamespace(projection_dim=manifest["projection_dim"], vision_config=vision, _commit_hash=None)
 
     def eval(self) -> "OnnxEvaluationModel":
         return self
@@ -43,22 +48,25 @@ class OnnxEvaluationModel:
         return self
 
     def get_text_embeds(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        ids = [row[: int(row.argmax()) + 1].tolist() for row in input_ids]  # up to <end_of_text>, the largest id
-        return torch.from_numpy(self.exported.embed_token_ids(ids))
+        return torch.from_numpy(self.exported.embed_token_ids(ids_up_to_end_of_text(input_ids.cpu().numpy())))
+
+    def get_image_token_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if interpolate_pos_encoding:
+            size = self.config.vision_config.image_size
+            raise ValueError(f"an ONNX export takes {size}x{size} images only (segmentation: --crop {size}, the default)")
+        return self.get_image_and_token_features(pixel_values)[1]
 
     def get_image_and_token_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, tokens = self.exported.sessions["image"].run(None, {"pixel_values": pixel_values.float().cpu().numpy()})
+        embeds, tokens = self.exported.pixel_features(pixel_values.float().cpu().numpy())
         return torch.from_numpy(embeds), torch.from_numpy(tokens)
 
 
-def load_model_and_processor(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu", onnx: bool = True):
-    """`(FlairModel in eval mode on device, FlairProcessor)`, or for an ONNX export (when `onnx`) an
-    `OnnxEvaluationModel` (ONNX Runtime's CUDA provider for a CUDA `device` where it is installed, else the CPU's); a one-line `SystemExit` for an incomplete directory or a Hub
+def load_model_and_processor(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """`(FlairModel in eval mode on device, FlairProcessor)`, or for an ONNX export an
+    `OnnxEvaluationModel` (ONNX Runtime's CUDA provider for a CUDA `device`, else the CPU's); a one-line `SystemExit` for an incomplete directory or a Hub
     id that cannot be fetched."""
     path = Path(model)
     if is_onnx_export(path):
-        if not onnx:
-            raise SystemExit(f"error: --model {model} is an ONNX export, which this evaluation cannot run; give the model directory it was exported from")
         if dtype != torch.float32:
             raise SystemExit(f"error: --model {model} is an ONNX export: it runs in the precision it was exported in; drop --dtype")
         return OnnxEvaluationModel(FlairOnnxModel.from_pretrained(path, onnx_providers(device))), FlairProcessor.from_pretrained(path)

@@ -1,19 +1,22 @@
-"""Export a converted FLAIR model to ONNX Runtime: text encoder, image encoder and the pooling head's pair scorer.
+"""Export a converted FLAIR model to ONNX Runtime: text encoder, image encoder, the pooling head's pair scorer and
+its attention maps.
 
     python conversion/export_onnx.py MODEL_DIR OUT_DIR [--quantize int8]
 
 MODEL_DIR is a directory written by `convert_flair_to_hf.py` (or a Hub id in the local cache). OUT_DIR receives
 `text_encoder.onnx` (token ids `(T, L)`, any T and L <= 77 -> global text embeddings), `image_encoder.onnx` (pixels
 `(B, 3, 224, 224)` -> global image embeddings and projected patch tokens), `pair_scorer.onnx` (text embeddings
-`(T, D)` x patch tokens `(B, L, D)` -> FLAIR cosines `(B, T)`), each with its weights in a file beside it
+`(T, D)` x patch tokens `(B, L, D)` -> FLAIR cosines `(B, T)`), `pair_attention.onnx` (the same inputs -> the
+head-averaged pooling attention over the patches `(B, T, L)`, for dense maps and segmentation), each with its weights in a file beside it
 (`*.onnx.data`; one file per int8 graph), the processor files and `flair_onnx.json`; load it
 with `flair_hf.onnx.FlairOnnxModel`. Every graph is checked against PyTorch at batch sizes and caption lengths other
-than the export's before the directory is moved into place. `--quantize int8` applies ONNX Runtime's dynamic int8
-quantization to the weights of every MatMul/Gemm (activations quantized at run time).
+than the export's before the directory is moved into place. `--quantize int8` then applies ONNX Runtime's dynamic
+int8 quantization to the weights of every MatMul/Gemm (activations quantized at run time), runs the int8 graphs and
+records their drift from PyTorch in `flair_onnx.json`. No graph keeps the exporter's source locations (local paths).
 
 The exporter is `torch.onnx.export(dynamo=True)`: it takes the model's own modules through `torch.export`, so each
 graph is a small wrapper around `FlairModel` methods; optimum's exporter carries one model per ONNX config and has no
-slot for a third graph that takes another graph's outputs.
+slot for graphs that take another graph's outputs.
 """
 
 import argparse
@@ -23,17 +26,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.modeling_flair import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, flair_cosine
-from flair_hf.onnx import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, FlairOnnxModel
+from flair_hf.onnx import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, FlairOnnxModel, ids_up_to_end_of_text
 from flair_hf_conversion.convert_flair_to_hf import ConversionError, check_output_dir, local_revision, staged_output_dir
 
 OPSET = 18
 QUANTIZATIONS = ("int8",)
 CHECK_TOLERANCE = 1e-4  # fp32 graphs against PyTorch (embeddings and cosines)
+INT8_MIN_EMBEDDING_COSINE = 0.99  # int8 graphs: a guard against a broken quantization, not a quality bound
 
 
 class TextEncoder(nn.Module):
@@ -69,6 +74,18 @@ class PairScorer(nn.Module):
         return flair_cosine(self.pooling(text_embeds, image_token_embeds)[0], text_embeds)
 
 
+class PairAttention(nn.Module):
+    """Text embeddings `(T, D)` x patch tokens `(B, L, D)` -> the pooling head's attention over the patches `(B, T, L)`,
+    averaged over heads, the zero slot dropped (what `flair_hf.dense.caption_attention_maps` maps)."""
+
+    def __init__(self, model: FlairModel):
+        super().__init__()
+        self.pooling = model.text_conditioned_pooling
+
+    def forward(self, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor) -> torch.Tensor:
+        return self.pooling(text_embeds, image_token_embeds, output_attentions=True)[1].mean(dim=1)[..., :-1]
+
+
 def example_inputs(model: FlairModel, texts: int, length: int, images: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random ids ending in `<end_of_text>` at varied positions, random pixels, and the model's own embeddings of them."""
     generator = torch.Generator().manual_seed(seed)
@@ -82,12 +99,12 @@ def example_inputs(model: FlairModel, texts: int, length: int, images: int, seed
     pixels = torch.randn(images, 3, vision.image_size, vision.image_size, generator=generator)
     with torch.no_grad():
         text_embeds = TextEncoder(model)(ids)
-        image_embeds, tokens = ImageEncoder(model)(pixels)
+        tokens = ImageEncoder(model)(pixels)[1]
     return {"input_ids": ids, "pixel_values": pixels, "text_embeds": text_embeds, "image_token_embeds": tokens}
 
 
 def export_graphs(model: FlairModel, directory: Path) -> None:
-    """The three graphs, with dynamic numbers of texts and images and a dynamic caption length."""
+    """The four graphs, with dynamic numbers of texts and images and a dynamic caption length."""
     inputs = example_inputs(model, texts=3, length=9, images=2)
     texts, images = torch.export.Dim("texts"), torch.export.Dim("images")
     length = torch.export.Dim("length", min=2, max=model.config.text_config.max_position_embeddings)
@@ -96,13 +113,26 @@ def export_graphs(model: FlairModel, directory: Path) -> None:
         ("image", ImageEncoder(model), ("pixel_values",), {"pixel_values": {0: images}}, ["image_embeds", "image_token_embeds"]),
         ("pair", PairScorer(model), ("text_embeds", "image_token_embeds"),
          {"text_embeds": {0: texts}, "image_token_embeds": {0: images}}, ["cosines"]),
+        ("attention", PairAttention(model), ("text_embeds", "image_token_embeds"),
+         {"text_embeds": {0: texts}, "image_token_embeds": {0: images}}, ["attention"]),
     )  # fmt: skip
     for name, module, input_names, dynamic_shapes, output_names in graphs:
         program = torch.onnx.export(
             module.eval(), tuple(inputs[i] for i in input_names), dynamo=True, opset_version=OPSET, verbose=False,
             input_names=list(input_names), output_names=output_names, dynamic_shapes=dynamic_shapes,
         )  # fmt: skip
-        program.save(str(directory / GRAPHS[name]), external_data=True)  # weights beside the graph: ONNX Runtime maps them
+        program.save(str(directory / GRAPHS[name]), external_data=True)
+        strip_source_locations(directory / GRAPHS[name])
+
+
+def strip_source_locations(path: Path) -> None:
+    """Drop the exporter's per-node metadata (stack traces with this machine's file paths) from a saved graph."""
+    model = onnx.load(str(path), load_external_data=False)
+    for graph in [model.graph, *(f for f in model.functions)]:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    onnx.save(model, str(path))
 
 
 def quantize_int8(directory: Path) -> None:
@@ -114,7 +144,32 @@ def quantize_int8(directory: Path) -> None:
         staged = source.with_suffix(".int8.onnx")
         quantize_dynamic(source, staged, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True)
         staged.replace(source)  # one file again: the fp32 weights beside it are no longer referenced
-        source.with_name(source.name + ".data").unlink()
+        source.with_name(source.name + ".data").unlink(missing_ok=True)
+
+
+def embedding_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two embedding arrays."""
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def int8_drift(model: FlairModel, directory: Path) -> dict[str, float]:
+    """The quantized graphs against PyTorch on the check inputs: smallest embedding cosines, largest cosine change."""
+    exported = FlairOnnxModel.from_pretrained(directory)
+    inputs = example_inputs(model, texts=5, length=14, images=3, seed=1)
+    with torch.no_grad():
+        expected_cosines = PairScorer(model)(inputs["text_embeds"], inputs["image_token_embeds"]).numpy()
+    text = exported.embed_token_ids(ids_up_to_end_of_text(inputs["input_ids"].numpy()))
+    image_embeds = exported.pixel_features(inputs["pixel_values"].numpy())[0]
+    cosines = exported.flair_cosines(inputs["text_embeds"].numpy(), inputs["image_token_embeds"].numpy())
+    drift = {
+        "text_embedding_cosine_min": float(embedding_cosines(text, inputs["text_embeds"].numpy()).min()),
+        "image_embedding_cosine_min": float(embedding_cosines(image_embeds, ImageEncoder(model)(inputs["pixel_values"])[0].detach().numpy()).min()),
+        "flair_cosine_max_abs_difference": float(np.abs(cosines - expected_cosines).max()),
+    }
+    worst = min(drift["text_embedding_cosine_min"], drift["image_embedding_cosine_min"])
+    if worst < INT8_MIN_EMBEDDING_COSINE:
+        raise ConversionError(f"the int8 graphs' embeddings drift to cosine {worst:.4f} from PyTorch (< {INT8_MIN_EMBEDDING_COSINE}); nothing was written")
+    return drift
 
 
 def check_against_pytorch(model: FlairModel, directory: Path, tolerance: float) -> dict[str, float]:
@@ -123,15 +178,18 @@ def check_against_pytorch(model: FlairModel, directory: Path, tolerance: float) 
     inputs = example_inputs(model, texts=5, length=14, images=3, seed=1)
     with torch.no_grad():
         expected_cosines = PairScorer(model)(inputs["text_embeds"], inputs["image_token_embeds"])
+        expected_attention = PairAttention(model)(inputs["text_embeds"], inputs["image_token_embeds"])
         expected_image = ImageEncoder(model)(inputs["pixel_values"])
     text = exported.sessions["text"].run(None, {"input_ids": inputs["input_ids"].numpy()})[0]
-    image_embeds, tokens = exported.sessions["image"].run(None, {"pixel_values": inputs["pixel_values"].numpy()})
+    image_embeds, tokens = exported.pixel_features(inputs["pixel_values"].numpy())
     cosines = exported.flair_cosines(inputs["text_embeds"].numpy(), inputs["image_token_embeds"].numpy())
+    attention = exported.attention_maps(inputs["text_embeds"].numpy(), inputs["image_token_embeds"].numpy())
     differences = {
         "text_embeds": float(np.abs(text - inputs["text_embeds"].numpy()).max()),
         "image_embeds": float(np.abs(image_embeds - expected_image[0].numpy()).max()),
         "image_token_embeds": float(np.abs(tokens - expected_image[1].numpy()).max()),
         "flair_cosines": float(np.abs(cosines - expected_cosines.numpy()).max()),
+        "attention_maps": float(np.abs(attention - expected_attention.numpy()).max()),
     }
     worst = max(differences, key=differences.get)
     if differences[worst] > tolerance:
@@ -140,7 +198,7 @@ def check_against_pytorch(model: FlairModel, directory: Path, tolerance: float) 
     return differences
 
 
-def manifest(model: FlairModel, model_dir: Path, quantize: str | None, differences: dict) -> dict:
+def manifest(model: FlairModel, model_dir: Path, quantize: str | None, differences: dict, drift: dict | None = None) -> dict:
     config = model.config
     return {
         "format": FORMAT,
@@ -153,11 +211,13 @@ def manifest(model: FlairModel, model_dir: Path, quantize: str | None, differenc
         "projection_dim": config.projection_dim,
         "num_patches": (config.vision_config.image_size // config.vision_config.patch_size) ** 2,
         "image_size": config.vision_config.image_size,
+        "patch_size": config.vision_config.patch_size,
         "max_text_length": config.text_config.max_position_embeddings,
         "length_groups": config.text_config.length_groups,
         "pair_chunk_sizes": [PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE],
         "source": {"model": model_dir.name, "revision": getattr(config, "_commit_hash", None) or local_revision(model_dir)},
         "fp32_max_abs_difference": differences,
+        "int8_drift_from_pytorch": drift,
         "torch_version": torch.__version__,
     }
 
@@ -179,10 +239,12 @@ def export(model_dir, output_dir, quantize: str | None = None) -> dict:
         processor.save_pretrained(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest(model, source, None, {}), indent=2))
         differences = check_against_pytorch(model, staging, CHECK_TOLERANCE)
+        drift = None
         if quantize:
             quantize_int8(staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest(model, source, quantize, differences), indent=2))
-    return {"output_dir": str(output_dir), "seconds": time.perf_counter() - start, "max_abs_difference": differences}
+            drift = int8_drift(model, staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest(model, source, quantize, differences, drift), indent=2))
+    return {"output_dir": str(output_dir), "seconds": time.perf_counter() - start, "max_abs_difference": differences, "int8_drift": drift}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     differences = ", ".join(f"{k} {v:.1e}" for k, v in report["max_abs_difference"].items())
     print(f"exported {args.model_dir} -> {report['output_dir']} in {report['seconds']:.1f} s (fp32 vs PyTorch: {differences})")
+    if report["int8_drift"]:
+        print("int8 vs PyTorch: " + ", ".join(f"{k} {v:.4f}" for k, v in report["int8_drift"].items()))
     return 0
 
 

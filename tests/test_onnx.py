@@ -52,10 +52,12 @@ def assert_scores_equal(scorer, exported: FlairOnnxModel, images, texts, toleran
     np.testing.assert_allclose(exported.encode_image(images), scorer.encode_image(images).numpy(), atol=tolerance, rtol=0)
 
 
-def test_export_writes_three_graphs_the_processor_and_a_shareable_manifest(tiny_onnx, tiny_dir):
+def test_export_writes_the_graphs_the_processor_and_a_shareable_manifest(tiny_onnx, tiny_dir):
     manifest = json.loads((tiny_onnx / "flair_onnx.json").read_text())
     for file in manifest["graphs"].values():
         onnx.checker.check_model(str(tiny_onnx / file))
+        graph = (tiny_onnx / file).read_bytes()
+        assert str(ROOT).encode() not in graph and b"site-packages" not in graph, file  # no local paths in what is shared
     assert {"tokenizer.json", "processor_config.json"} <= {p.name for p in tiny_onnx.iterdir()}
     assert manifest["source"]["model"] == tiny_dir.name and str(tiny_dir.parent) not in json.dumps(manifest)
     assert manifest["quantization"] is None and max(manifest["fp32_max_abs_difference"].values()) < 1e-4
@@ -123,6 +125,8 @@ def test_readme_deploying_commands_and_example_run_as_written(tiny_dir, tmp_path
         assert result.returncode == 0 and "exported" in result.stdout, result.stderr[-2000:]
     manifests = [json.loads((tmp_path / name / "flair_onnx.json").read_text()) for name in ("flair-cc3m-onnx", "flair-cc3m-onnx-int8")]
     assert [m["quantization"] for m in manifests] == [None, "int8-dynamic"]
+    drift = manifests[1]["int8_drift_from_pytorch"]
+    assert manifests[0]["int8_drift_from_pytorch"] is None and min(drift["text_embedding_cosine_min"], drift["image_embedding_cosine_min"]) > 0.99
     code = readme_python_block("FlairOnnxModel").replace('"flair-cc3m-onnx"', repr(str(tmp_path / "flair-cc3m-onnx-int8")))
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -154,14 +158,36 @@ def test_runtime_errors_name_the_problem(tiny_onnx, tiny_dir, monkeypatch):
         exported.encode_image(np.zeros((4, 4, 3), dtype=np.float32))
     with pytest.raises(FileNotFoundError, match="export a model first"):
         FlairOnnxModel.from_pretrained(tiny_dir)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the variable alone is too late
     with pytest.raises(OSError, match="not a local directory"):
         FlairOnnxModel.from_pretrained("nobody/no-such-flair-onnx")
 
 
-def test_onnx_on_one_array_image_equals_pytorch(tiny_onnx, tiny_scorer):
-    array = np.asarray(torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8))
+@pytest.mark.parametrize("shape", [(50, 70, 3), (3, 50, 70), (50, 70, 1)])
+def test_onnx_on_one_array_image_equals_pytorch(tiny_onnx, tiny_scorer, shape):
+    array = np.asarray(torch.randint(0, 256, shape, dtype=torch.uint8))
     assert_scores_equal(tiny_scorer, FlairOnnxModel.from_pretrained(tiny_onnx), array, "a dog", tolerance=1e-4)
+
+
+def test_one_string_and_one_path_are_one_item(tiny_onnx):
+    exported = FlairOnnxModel.from_pretrained(tiny_onnx)
+    assert exported.token_ids("a dog") == exported.token_ids(["a dog"]) and len(exported.token_ids("a dog")) == 1
+    assert exported.pixel_values(IMAGES[0]).shape == (1, 3, 224, 224)
+
+
+def test_blocks_and_batches_smaller_than_the_inputs_give_the_same_scores(tiny_onnx, tiny_scorer):
+    exported = FlairOnnxModel.from_pretrained(tiny_onnx)
+    exported.manifest["pair_chunk_sizes"] = [2, 3]  # 6 images x 15 texts: 3 x 5 blocks, the last ones partial
+    texts = TEXTS * 3
+    expected = tiny_scorer.score(IMAGES, texts)["logits"].numpy()
+    text_embeds = exported.text_embeds(texts, batch_size=4)
+    tokens = exported.image_features(IMAGES, batch_size=4)[1]
+    np.testing.assert_allclose(exported.flair_logits(text_embeds, tokens), expected, atol=1e-4, rtol=0)
+    attention = exported.attention_maps(text_embeds, tokens)
+    whole = FlairOnnxModel.from_pretrained(tiny_onnx).attention_maps(text_embeds, tokens)
+    assert attention.shape == (6, 15, 196) and np.array_equal(attention, whole)
 
 
 def test_benchmark_onnx_runs_at_small_scale(tiny_dir, tmp_path):
@@ -200,11 +226,17 @@ def test_retrieval_and_classification_clis_take_an_export_and_agree_with_pytorch
     assert runs[0]["accuracy"] == runs[1]["accuracy"]
 
 
-def test_segmentation_cli_refuses_an_export_in_one_line(tiny_onnx, tmp_path):
+@pytest.mark.parametrize("method", ["similarity", "attention"])
+def test_segmentation_cli_on_an_export_equals_pytorch(tiny_onnx, tiny_dir, tmp_path, method):
     from segmentation_layouts import build_segmentation_root
 
     from flair_hf_benchmarks import evaluate_segmentation
 
     root = build_segmentation_root(tmp_path / "data")
-    with pytest.raises(SystemExit, match="is an ONNX export, which this evaluation cannot run"):
-        evaluate_segmentation.main(["--model", str(tiny_onnx), "--benchmark", "voc20", "--data-root", str(root)])
+    args = ["--benchmark", "voc20", "--data-root", str(root), "--method", method, "--output", str(tmp_path / "s.json")]
+    runs = [evaluate_segmentation.main(["--model", str(model), *args])[0] for model in (tiny_dir, tiny_onnx)]
+    for run in runs:
+        del run["seconds"], run["model"]
+    assert runs[0] == runs[1]
+    with pytest.raises(SystemExit, match="takes 224x224 windows only: use --crop 224"):
+        evaluate_segmentation.main(["--model", str(tiny_onnx), *args, "--crop", "112"])

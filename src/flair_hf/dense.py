@@ -36,9 +36,13 @@ def caption_attention_maps(
 ) -> torch.Tensor:  # fmt: skip
     """`(B, T, h, w)` head-averaged pooling attention of every caption over every image's patches, max-normalised.
 
-    `pooling` is `FlairModel.text_conditioned_pooling`, `text_embeds` `(T, D)` from `get_text_embeds`,
-    `image_token_embeds` `(B, h*w, D)` from `get_image_token_features`.
+    `pooling` is `FlairModel.text_conditioned_pooling` (or an exported head with `attention_maps`, NumPy in and out,
+    e.g. `flair_hf.onnx.FlairOnnxModel`), `text_embeds` `(T, D)` from `get_text_embeds`, `image_token_embeds`
+    `(B, h*w, D)` from `get_image_token_features`.
     """
+    if hasattr(pooling, "attention_maps"):
+        maps = pooling.attention_maps(text_embeds.float().cpu().numpy(), image_token_embeds.float().cpu().numpy())
+        return _to_grid(_normalize_by_max(torch.from_numpy(maps)), grid)
     (images, tokens), texts = image_token_embeds.shape[:2], text_embeds.shape[0]
     maps = torch.empty(images, texts, tokens, dtype=torch.float32, device=pooling.q_proj.weight.device)
     for images, texts, queries, keys, values in pooling.pair_blocks(text_embeds, image_token_embeds, image_chunk_size, text_chunk_size):

@@ -4,9 +4,10 @@
     model = FlairOnnxModel.from_pretrained("flair-onnx")      # written by conversion/export_onnx.py
     model.score("puppy.jpg", ["a small white puppy", "a red ladybug"])["probs"]
 
-An exported directory holds three graphs that work together: the text encoder (token ids -> global text embeddings),
-the image encoder (pixels -> global image embeddings and projected patch tokens) and the pooling head's pair scorer
-(text embeddings x patch tokens -> FLAIR cosines), the processor files, and `flair_onnx.json` (logit scale and bias,
+An exported directory holds the graphs that work together: the text encoder (token ids -> global text embeddings),
+the image encoder (pixels -> global image embeddings and projected patch tokens), the pooling head's pair scorer
+(text embeddings x patch tokens -> FLAIR cosines) and its attention maps (for dense maps and segmentation), the
+processor files, and `flair_onnx.json` (logit scale and bias,
 sizes, chunk sizes, where the graphs came from)."""
 
 import json
@@ -21,7 +22,7 @@ from .preprocessing import FLAIR_PAD_TOKEN_ID, clean_caption, image_to_pixels, o
 MANIFEST = "flair_onnx.json"
 FORMAT = "flair-onnx"
 FORMAT_VERSION = 1
-GRAPHS = {"text": "text_encoder.onnx", "image": "image_encoder.onnx", "pair": "pair_scorer.onnx"}
+GRAPHS = {"text": "text_encoder.onnx", "image": "image_encoder.onnx", "pair": "pair_scorer.onnx", "attention": "pair_attention.onnx"}
 
 
 def is_onnx_export(path) -> bool:
@@ -41,6 +42,11 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def ids_up_to_end_of_text(input_ids) -> list[list[int]]:
+    """Rows of a padded `(T, L)` id array, each up to its `<end_of_text>` (the largest id, as the model finds it)."""
+    return [row[: int(np.argmax(row)) + 1].tolist() for row in np.asarray(input_ids)]
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -56,21 +62,26 @@ def _images(images) -> list:
 
 
 def _image(item):
-    """A PIL image from a PIL image, a local path or an `(H, W, 3)` / `(H, W)` uint8 array."""
+    """A PIL image from a PIL image, a local path or a uint8 array `(H, W)`, `(H, W, C)` or `(C, H, W)` (C = 1 or 3)."""
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, (str, os.PathLike)):
         return open_image(item)
     if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim in (2, 3):
-        return Image.fromarray(item)
-    raise TypeError(f"FlairOnnxModel got a {type(item).__name__} image; pass a PIL image, a file path or an (H, W, 3) uint8 array")
+        if item.ndim == 3 and item.shape[0] in (1, 3) and item.shape[-1] not in (1, 3):
+            item = item.transpose(1, 2, 0)  # channels first, as FlairImageProcessor accepts
+        if item.ndim == 2 or item.shape[-1] in (1, 3):
+            return Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[-1] == 1 else item)
+    shape = getattr(item, "shape", None)
+    raise TypeError(f"FlairOnnxModel got a {type(item).__name__} image{f' of shape {shape}' if shape else ''}; pass a PIL "
+                    "image, a file path or a uint8 array (H, W), (H, W, 3) or (3, H, W)")  # fmt: skip
 
 
 class FlairOnnxModel:
     """An exported FLAIR model on ONNX Runtime, with `FlairScorer`'s methods (NumPy arrays instead of tensors)."""
 
-    def __init__(self, directory: Path, manifest: dict, sessions: dict, tokenizer, image_settings: dict):
-        self.directory, self.manifest, self.sessions = directory, manifest, sessions
+    def __init__(self, manifest: dict, sessions: dict, tokenizer, image_settings: dict):
+        self.manifest, self.sessions = manifest, sessions
         self.tokenizer, self.image_settings = tokenizer, image_settings
         self.logit_scale, self.logit_bias = float(manifest["logit_scale"]), float(manifest["logit_bias"])
 
@@ -87,22 +98,22 @@ class FlairOnnxModel:
             name: ort.InferenceSession(str(directory / file), session_options, providers=providers or ["CPUExecutionProvider"])
             for name, file in manifest["graphs"].items()
         }
-        return cls(directory, manifest, sessions, _text_tokenizer(directory, manifest), _image_settings(directory))
+        return cls(manifest, sessions, _text_tokenizer(directory, manifest), _image_settings(directory))
 
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
+    def token_ids(self, texts) -> list[list[int]]:
         """Each text's ids (cleaned as open_clip, `<start_of_text>` ... `<end_of_text>`, truncated to the context length)."""
-        return [encoding.ids for encoding in self.tokenizer.encode_batch([clean_caption(t) for t in texts])]
+        return [encoding.ids for encoding in self.tokenizer.encode_batch([clean_caption(t) for t in _texts(texts)])]
 
     def pixel_values(self, images) -> np.ndarray:
-        """`(B, 3, H, W)` float32 pixels, exactly as `FlairImageProcessor` makes them."""
+        """`(B, 3, H, W)` float32 pixels of one image or a list, exactly as `FlairImageProcessor` makes them."""
         s = self.image_settings
         arrays = [image_to_pixels(_image(image), s["shortest_edge"], s["crop_size"], s["image_mean"], s["image_std"],
-                                  s["rescale_factor"], s["resample"]) for image in images]  # fmt: skip
+                                  s["rescale_factor"], s["resample"]) for image in _images(images)]  # fmt: skip
         return np.stack(arrays) if arrays else np.zeros((0, 3, *s["crop_size"]), dtype=np.float32)
 
     def text_embeds(self, texts, batch_size: int = 256) -> np.ndarray:
         """Global text embeddings `(T, D)` of a string or a list of strings, not normalised."""
-        return self.embed_token_ids(self.token_ids(_texts(texts)), batch_size)
+        return self.embed_token_ids(self.token_ids(texts), batch_size)
 
     def embed_token_ids(self, ids: list[list[int]], batch_size: int = 256) -> np.ndarray:
         """Global text embeddings `(T, D)` of token id lists (each ending in `<end_of_text>`), not normalised. As
@@ -123,8 +134,7 @@ class FlairOnnxModel:
         images = _images(images)
         embeds, tokens = [], []
         for start in range(0, len(images), batch_size):
-            pixels = self.pixel_values(images[start : start + batch_size])
-            batch_embeds, batch_tokens = self.sessions["image"].run(None, {"pixel_values": pixels})
+            batch_embeds, batch_tokens = self.pixel_features(self.pixel_values(images[start : start + batch_size]))
             embeds.append(batch_embeds)
             tokens.append(batch_tokens)
         if not embeds:
@@ -132,15 +142,33 @@ class FlairOnnxModel:
             return np.zeros((0, dim), np.float32), np.zeros((0, patches, dim), np.float32)
         return np.concatenate(embeds), np.concatenate(tokens)
 
+    def pixel_features(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The image encoder on `(B, 3, H, W)` float32 pixels: global embeddings `(B, D)` and patch tokens `(B, L, D)`."""
+        embeds, tokens = self.sessions["image"].run(None, {"pixel_values": np.asarray(pixel_values, dtype=np.float32)})
+        return embeds, tokens
+
+    def flair_logits(self, text_embeds: np.ndarray, image_token_embeds: np.ndarray) -> np.ndarray:
+        """FLAIR logits `(B, T)`: `logit_scale * cosine + logit_bias`."""
+        return self.logit_scale * self.flair_cosines(text_embeds, image_token_embeds) + self.logit_bias
+
     def flair_cosines(self, text_embeds: np.ndarray, image_token_embeds: np.ndarray) -> np.ndarray:
-        """Cosine of each image pooled for each text with that text `(B, T)`, in blocks of the export's chunk sizes."""
+        """Cosine of each image pooled for each text with that text: `(B, T)`."""
+        return self._pairs("pair", text_embeds, image_token_embeds, ())
+
+    def attention_maps(self, text_embeds: np.ndarray, image_token_embeds: np.ndarray) -> np.ndarray:
+        """The pooling head's attention of each text over each image's patch tokens, averaged over heads, without the
+        zero slot: `(B, T, L)` (`flair_hf.dense.caption_attention_maps` normalises and grids it)."""
+        return self._pairs("attention", text_embeds, image_token_embeds, image_token_embeds.shape[1:2])
+
+    def _pairs(self, graph: str, text_embeds: np.ndarray, image_token_embeds: np.ndarray, trailing: tuple) -> np.ndarray:
+        """A pair graph over every (image, text) pair, in blocks of the export's chunk sizes: `(B, T, *trailing)`."""
         image_chunk, text_chunk = self.manifest["pair_chunk_sizes"]
-        cosines = np.zeros((len(image_token_embeds), len(text_embeds)), dtype=np.float32)
+        output = np.zeros((len(image_token_embeds), len(text_embeds), *trailing), dtype=np.float32)
         for i in range(0, len(image_token_embeds), image_chunk):
             for t in range(0, len(text_embeds), text_chunk):
                 feed = {"text_embeds": text_embeds[t : t + text_chunk], "image_token_embeds": image_token_embeds[i : i + image_chunk]}
-                cosines[i : i + image_chunk, t : t + text_chunk] = self.sessions["pair"].run(None, feed)[0]
-        return cosines
+                output[i : i + image_chunk, t : t + text_chunk] = self.sessions[graph].run(None, feed)[0]
+        return output
 
     def encode_text(self, texts, batch_size: int = 256) -> np.ndarray:
         """L2-normalised global embeddings `(T, D)` (float32) of a string or a list of strings."""
@@ -158,11 +186,11 @@ class FlairOnnxModel:
             raise ValueError(f"score() got {len(images)} images and {len(texts)} texts: pass at least one of each")
         text_embeds = self.text_embeds(texts)
         image_embeds, tokens = self.image_features(images)
-        logits = self.logit_scale * self.flair_cosines(text_embeds, tokens) + self.logit_bias
+        logits = self.flair_logits(text_embeds, tokens)
         return {
             "logits": logits,
             "probs": _softmax(logits),
-            "sigmoid_probs": 1 / (1 + np.exp(-logits)),
+            "sigmoid_probs": 0.5 * (1 + np.tanh(logits / 2)),  # the sigmoid, without overflow for large logits
             "logits_as_clip": self.logit_scale * _normalize(image_embeds) @ _normalize(text_embeds).T,
         }
 
@@ -215,4 +243,4 @@ def _image_settings(directory: Path) -> dict:
     }
 
 
-__all__ = ["FlairOnnxModel", "is_onnx_export"]
+__all__ = ["FlairOnnxModel", "ids_up_to_end_of_text", "is_onnx_export"]

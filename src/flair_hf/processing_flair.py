@@ -18,8 +18,6 @@ from transformers.utils import PaddingStrategy, TensorType
 from .preprocessing import FLAIR_PAD_TOKEN_ID, OPEN_CLIP_PATTERN, clean_caption, image_to_pixels, open_image, read_bpe_vocab
 
 
-
-
 class FlairImageProcessor(PilBackend):
     r"""
     The original FLAIR / open_clip evaluation transform, done with PIL in the same order:
