@@ -60,7 +60,9 @@ def test_export_writes_the_graphs_the_processor_and_a_shareable_manifest(tiny_on
         assert str(ROOT).encode() not in graph and b"site-packages" not in graph, file  # no local paths in what is shared
     assert {"tokenizer.json", "processor_config.json"} <= {p.name for p in tiny_onnx.iterdir()}
     assert manifest["source"]["model"] == tiny_dir.name and str(tiny_dir.parent) not in json.dumps(manifest)
-    assert manifest["quantization"] is None and max(manifest["fp32_max_abs_difference"].values()) < 1e-4
+    assert manifest["quantization"] is None and manifest["int8_vs_pytorch"] is None
+    assert max(manifest["fp32_vs_pytorch"]["max_abs_difference"].values()) < 1e-4
+    assert min(manifest["fp32_vs_pytorch"]["embedding_cosine_min"].values()) > 0.99999
     assert manifest["logit_scale"] == pytest.approx(10.0) and manifest["logit_bias"] == pytest.approx(-2.5)
 
 
@@ -125,8 +127,7 @@ def test_readme_deploying_commands_and_example_run_as_written(tiny_dir, tmp_path
         assert result.returncode == 0 and "exported" in result.stdout, result.stderr[-2000:]
     manifests = [json.loads((tmp_path / name / "flair_onnx.json").read_text()) for name in ("flair-cc3m-onnx", "flair-cc3m-onnx-int8")]
     assert [m["quantization"] for m in manifests] == [None, "int8-dynamic"]
-    drift = manifests[1]["int8_drift_from_pytorch"]
-    assert manifests[0]["int8_drift_from_pytorch"] is None and min(drift["text_embedding_cosine_min"], drift["image_embedding_cosine_min"]) > 0.99
+    assert manifests[0]["int8_vs_pytorch"] is None and min(manifests[1]["int8_vs_pytorch"]["embedding_cosine_min"].values()) > 0.99
     code = readme_python_block("FlairOnnxModel").replace('"flair-cc3m-onnx"', repr(str(tmp_path / "flair-cc3m-onnx-int8")))
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -134,10 +135,14 @@ def test_readme_deploying_commands_and_example_run_as_written(tiny_dir, tmp_path
     assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-4, result.stdout
 
 
-def test_export_checks_parity_before_anything_is_written(tiny_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(export_onnx, "CHECK_TOLERANCE", 0.0)
-    assert export_onnx.main([str(tiny_dir), str(tmp_path / "out")]) == 1
-    assert "differ from PyTorch" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "bound, value, extra, message",
+    [("CHECK_TOLERANCE", 0.0, [], "differ from PyTorch"), ("INT8_MIN_EMBEDDING_COSINE", 1.01, ["--quantize", "int8"], "int8 graphs' embeddings drift")],
+)  # fmt: skip
+def test_export_checks_against_pytorch_before_anything_is_written(tiny_dir, tmp_path, monkeypatch, capsys, bound, value, extra, message):
+    monkeypatch.setattr(export_onnx, bound, value)
+    assert export_onnx.main([str(tiny_dir), str(tmp_path / "out"), *extra]) == 1
+    assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no output, no staging directory left
 
 
