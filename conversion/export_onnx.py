@@ -153,15 +153,20 @@ def embedding_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def compare_with_pytorch(model: FlairModel, directory: Path) -> dict[str, dict[str, float]]:
-    """The export, run as `FlairOnnxModel` runs it, against PyTorch on shapes the export did not see: each output's
-    largest absolute difference and the embeddings' smallest cosines."""
-    exported = FlairOnnxModel.from_pretrained(directory)
+def pytorch_reference(model: FlairModel) -> dict[str, np.ndarray]:
+    """Inputs of shapes the export did not see, and PyTorch's outputs for them (what every export is compared with)."""
     inputs = example_inputs(model, texts=5, length=14, images=3, seed=1)
     expected = {key: value.numpy() for key, value in inputs.items()}
     with torch.no_grad():
         expected["flair_cosines"] = PairScorer(model)(inputs["text_embeds"], inputs["image_token_embeds"]).numpy()
         expected["attention_maps"] = PairAttention(model)(inputs["text_embeds"], inputs["image_token_embeds"]).numpy()
+    return expected
+
+
+def compare_with_pytorch(expected: dict[str, np.ndarray], directory: Path) -> dict[str, dict[str, float]]:
+    """The export, run as `FlairOnnxModel` runs it, against `pytorch_reference`: each output's largest absolute
+    difference and the embeddings' smallest cosines."""
+    exported = FlairOnnxModel.from_pretrained(directory)
     got = {"text_embeds": exported.embed_token_ids(ids_up_to_end_of_text(expected["input_ids"]))}
     got["image_embeds"], got["image_token_embeds"] = exported.pixel_features(expected["pixel_values"])
     got["flair_cosines"] = exported.flair_cosines(expected["text_embeds"], expected["image_token_embeds"])
@@ -227,12 +232,13 @@ def export(model_dir, output_dir, quantize: str | None = None) -> dict:
         export_graphs(model, staging)
         processor.save_pretrained(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest(model, source, None, {}), indent=2))  # what the runtime reads
-        fp32 = compare_with_pytorch(model, staging)
+        expected = pytorch_reference(model)
+        fp32 = compare_with_pytorch(expected, staging)
         check_fp32(fp32, CHECK_TOLERANCE)
         int8 = None
         if quantize:
             quantize_int8(staging)
-            int8 = compare_with_pytorch(model, staging)
+            int8 = compare_with_pytorch(expected, staging)
             check_int8(int8)
         (staging / MANIFEST).write_text(json.dumps(manifest(model, source, quantize, fp32, int8), indent=2))
     return {"output_dir": str(output_dir), "seconds": time.perf_counter() - start, "fp32": fp32, "int8": int8}
