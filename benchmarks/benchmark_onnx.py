@@ -39,7 +39,7 @@ from flair_hf_conversion.export_onnx import embedding_cosines, export
 
 BACKENDS = ("pytorch", "onnx-fp32", "onnx-int8")
 # what flair_hf.onnx imports, by distribution (with their own requirements): the deployment's packages
-RUNTIME_DISTRIBUTIONS = ("onnxruntime", "flatbuffers", "numpy", "packaging", "protobuf", "tokenizers", "pillow", "ftfy", "wcwidth")
+RUNTIME_DISTRIBUTIONS = ("onnxruntime", "flatbuffers", "numpy", "packaging", "protobuf", "tokenizers", "pillow", "ftfy", "wcwidth", "tqdm")
 
 
 def runtime_only_path(directory: Path) -> Path:

@@ -102,6 +102,28 @@ print(json.dumps({"logits": scores["logits"].tolist(), "imported": [m for m in s
     np.testing.assert_allclose(output["logits"], tiny_scorer.score(IMAGES, TEXTS)["logits"].numpy(), atol=1e-4)
 
 
+def test_runtime_imports_no_torch_where_torch_is_installed_and_pytorch_classes_register_on_first_use(tiny_onnx, tiny_dir):
+    code = """
+import json, sys
+import flair_hf
+from flair_hf.onnx import FlairOnnxModel
+FlairOnnxModel.from_pretrained(sys.argv[1]).encode_text(["a dog"])
+light = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+from transformers import AutoConfig, AutoModel
+try:
+    AutoConfig.from_pretrained(sys.argv[2], trust_remote_code=False)
+    known_before = True
+except ValueError:
+    known_before = False
+from flair_hf import FlairProcessor
+model = AutoModel.from_pretrained(sys.argv[2], trust_remote_code=False)
+print(json.dumps({"light": light, "known_before": known_before, "model": type(model).__module__}))
+"""
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_onnx), str(tiny_dir)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == {"light": [], "known_before": False, "model": "flair_hf.modeling_flair"}
+
+
 def test_int8_quantizes_the_matmuls_and_drifts_within_measured_bounds(full_onnx, tmp_path):
     int8_dir = tmp_path / "int8"
     shutil.copytree(full_onnx, int8_dir)
@@ -245,3 +267,13 @@ def test_segmentation_cli_on_an_export_equals_pytorch(tiny_onnx, tiny_dir, tmp_p
     assert runs[0] == runs[1]
     with pytest.raises(SystemExit, match="takes 224x224 windows only: use --crop 224"):
         evaluate_segmentation.main(["--model", str(tiny_onnx), *args, "--crop", "112"])
+
+def test_encode_in_batches_with_progress_bars_equals_the_scorer(tiny_onnx, tiny_scorer, capsys):
+    exported = FlairOnnxModel.from_pretrained(tiny_onnx)
+    texts = exported.encode_text(TEXTS * 3, batch_size=4, show_progress_bar=True)
+    images = exported.encode_image(IMAGES, batch_size=4, show_progress_bar=True)
+    progress = capsys.readouterr().err
+    assert "encoding texts" in progress and "encoding images" in progress
+    np.testing.assert_allclose(texts, tiny_scorer.encode_text(TEXTS * 3).numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(images, tiny_scorer.encode_image(IMAGES).numpy(), atol=1e-5, rtol=0)
+    assert "encoding" not in (exported.encode_text(TEXTS), capsys.readouterr().err)[1]

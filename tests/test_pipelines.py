@@ -1,4 +1,4 @@
-"""transformers pipelines with FLAIR: zero-shot image classification, with `import flair_hf` and with remote code only."""
+"""transformers pipelines with FLAIR: zero-shot image classification, with `flair_hf.register_auto_classes()` and with remote code only."""
 
 import json
 import os
@@ -36,7 +36,9 @@ def expected_scores(tiny_model, tiny_dir):
 def test_zero_shot_pipeline_with_flair_hf_uses_flair_logits(tiny_dir, tiny_model):
     from transformers import pipeline
 
-    import flair_hf  # noqa: F401  (registers FlairModel for the pipeline)
+    import flair_hf
+
+    flair_hf.register_auto_classes()  # FlairModel for the pipeline, no trust_remote_code
 
     classifier = pipeline("zero-shot-image-classification", model=str(tiny_dir))
     result = classifier(str(FIXTURES / "images" / "puppy.jpg"), candidate_labels=LABELS)
@@ -77,7 +79,9 @@ print(json.dumps(extractor({image!r})))
 def test_image_feature_extraction_pipeline_gives_the_global_embedding(tiny_dir, tiny_scorer, tmp_path):
     from transformers import pipeline
 
-    import flair_hf  # noqa: F401
+    import flair_hf
+
+    flair_hf.register_auto_classes()
 
     image = str(FIXTURES / "images" / "puppy.jpg")
     expected = tiny_scorer.encode_image(image)

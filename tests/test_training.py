@@ -73,7 +73,9 @@ def assert_export_runs_with_its_processor(export_dir):
     from PIL import Image
     from transformers import AutoModel, AutoProcessor
 
-    import flair_hf  # noqa: F401  (registers the Auto classes)
+    import flair_hf
+
+    flair_hf.register_auto_classes()
 
     model, processor = AutoModel.from_pretrained(export_dir).eval(), AutoProcessor.from_pretrained(export_dir)
     size = model.config.vision_config.image_size

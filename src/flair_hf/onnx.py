@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .preprocessing import FLAIR_PAD_TOKEN_ID, clean_caption, image_to_pixels, open_image
 
@@ -111,29 +112,30 @@ class FlairOnnxModel:
                                   s["rescale_factor"], s["resample"]) for image in _images(images)]  # fmt: skip
         return np.stack(arrays) if arrays else np.zeros((0, 3, *s["crop_size"]), dtype=np.float32)
 
-    def text_embeds(self, texts, batch_size: int = 256) -> np.ndarray:
+    def text_embeds(self, texts, batch_size: int = 256, show_progress_bar: bool = False) -> np.ndarray:
         """Global text embeddings `(T, D)` of a string or a list of strings, not normalised."""
-        return self.embed_token_ids(self.token_ids(texts), batch_size)
+        return self.embed_token_ids(self.token_ids(texts), batch_size, show_progress_bar)
 
-    def embed_token_ids(self, ids: list[list[int]], batch_size: int = 256) -> np.ndarray:
+    def embed_token_ids(self, ids: list[list[int]], batch_size: int = 256, show_progress_bar: bool = False) -> np.ndarray:
         """Global text embeddings `(T, D)` of token id lists (each ending in `<end_of_text>`), not normalised. As
         `FlairModel.get_text_embeds`: texts sorted by length into at least `length_groups` calls (of at most
         `batch_size`), each cut at its longest (later positions cannot reach `<end_of_text>` under the causal mask)."""
         embeds = np.zeros((len(ids), self.manifest["projection_dim"]), dtype=np.float32)
         order = np.argsort([len(i) for i in ids], kind="stable")
         calls = max(-(-len(ids) // batch_size), min(self.manifest["length_groups"], len(ids)))
-        for rows in np.array_split(order, calls) if len(ids) else []:
+        batches = np.array_split(order, calls) if len(ids) else []
+        for rows in tqdm(batches, desc="encoding texts", disable=not show_progress_bar):
             batch = np.full((len(rows), max(len(ids[r]) for r in rows)), FLAIR_PAD_TOKEN_ID, dtype=np.int64)
             for row, index in enumerate(rows):
                 batch[row, : len(ids[index])] = ids[index]
             embeds[rows] = self.sessions["text"].run(None, {"input_ids": batch})[0]
         return embeds
 
-    def image_features(self, images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    def image_features(self, images, batch_size: int = 64, show_progress_bar: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Global image embeddings `(B, D)` and projected patch tokens `(B, L, D)`, not normalised."""
         images = _images(images)
         embeds, tokens = [], []
-        for start in range(0, len(images), batch_size):
+        for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not show_progress_bar):
             batch_embeds, batch_tokens = self.pixel_features(self.pixel_values(images[start : start + batch_size]))
             embeds.append(batch_embeds)
             tokens.append(batch_tokens)
@@ -170,13 +172,13 @@ class FlairOnnxModel:
                 output[i : i + image_chunk, t : t + text_chunk] = self.sessions[graph].run(None, feed)[0]
         return output
 
-    def encode_text(self, texts, batch_size: int = 256) -> np.ndarray:
+    def encode_text(self, texts, batch_size: int = 256, show_progress_bar: bool = False) -> np.ndarray:
         """L2-normalised global embeddings `(T, D)` (float32) of a string or a list of strings."""
-        return _normalize(self.text_embeds(texts, batch_size))
+        return _normalize(self.text_embeds(texts, batch_size, show_progress_bar))
 
-    def encode_image(self, images, batch_size: int = 64) -> np.ndarray:
+    def encode_image(self, images, batch_size: int = 64, show_progress_bar: bool = False) -> np.ndarray:
         """L2-normalised global embeddings `(B, D)` (float32) of one image or a list."""
-        return _normalize(self.image_features(images, batch_size)[0])
+        return _normalize(self.image_features(images, batch_size, show_progress_bar)[0])
 
     def score(self, images, texts) -> dict[str, np.ndarray]:
         """FLAIR logits `(B, T)` of images against texts, with `probs` (softmax over the texts), `sigmoid_probs` and
