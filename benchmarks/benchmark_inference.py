@@ -19,7 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flair_hf_benchmarks.benchmark_training import SIZES, caption_ids, original_and_ours
+from flair_hf_benchmarks.benchmark_training import SIZES, original_and_ours
+from flair_hf_benchmarks.synthetic import caption_ids
 from flair_hf_benchmarks.reporting import write_json
 
 

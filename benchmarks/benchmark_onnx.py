@@ -31,9 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from flair_hf import FlairConfig, FlairModel
 from flair_hf.modeling_flair import flair_cosine
 from flair_hf.onnx import FlairOnnxModel, ids_up_to_end_of_text
-from flair_hf_benchmarks.benchmark_scoring import matmul_peak_gflops
-from flair_hf_benchmarks.benchmark_training import caption_ids
+from flair_hf_benchmarks.measurement import matmul_peak_flops, peak_rss_mib
 from flair_hf_benchmarks.reporting import write_json
+from flair_hf_benchmarks.synthetic import caption_ids
 from flair_hf_conversion.convert_flair_to_hf import build_processor
 from flair_hf_conversion.export_onnx import embedding_cosines, export
 
@@ -154,11 +154,6 @@ def probe_peak_memory(backend: str, directory: Path, inputs_path: Path) -> float
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM: unlike `ru_maxrss`, not inherited from the parent across exec)."""
-    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 1024
-
-
 # the ONNX Runtime probe, runnable without torch: load, run the three workloads once, print the peak RSS in MiB
 RUNTIME_PROBE = inspect.getsource(peak_rss_mib) + """
 import sys, numpy as np
@@ -215,7 +210,7 @@ def main(argv=None) -> dict:
         backends = load_backends(model_dir, exports)
         inputs = make_inputs(backends["pytorch"], args.images, args.texts, args.pair_images, args.pair_texts)
         counts = flops(backends["pytorch"], inputs)
-        peak = matmul_peak_gflops()
+        peak = matmul_peak_flops() / 1e9
         seconds = time_interleaved(backends, inputs, args.rounds)
         inputs_path = work / "inputs.npz"
         np.savez(inputs_path, **{k: v for k, v in inputs.items() if k != "id_lists"})

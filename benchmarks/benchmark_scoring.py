@@ -15,7 +15,6 @@ writes JSON.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from flair_hf_benchmarks.measurement import matmul_peak_flops, peak_rss_mib
 from flair_hf_benchmarks.reporting import write_json
 
 from flair_hf import FlairConfig
@@ -45,7 +45,7 @@ def make_inputs(images: int, texts: int):
 
 def run_method(method: str, images: int, texts: int, scores_path: str) -> dict:
     pooling, text, tokens = make_inputs(images, texts)
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline_rss = peak_rss_mib()
     start = time.perf_counter()
     if method == "fast":
         scores = flair_scores(pooling, text, tokens)
@@ -53,7 +53,7 @@ def run_method(method: str, images: int, texts: int, scores_path: str) -> dict:
         scores = original_pair_scores(attention_pooling_of(pooling), text, tokens)
     seconds = time.perf_counter() - start
     torch.save(scores, scores_path)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     return {"seconds": seconds, "peak_rss_mib": peak, "rss_before_scoring_mib": baseline_rss}
 
 
@@ -69,18 +69,6 @@ def executed_flops_per_pair(dim: int = 512, tokens: int = 196, blocks: int = 8) 
     return 2 * (tokens + 1) * dim * 2 + 2 * dim * dim * (blocks + 1) // (2 * blocks) + 2 * dim + 2 * dim
 
 
-def matmul_peak_gflops(size: int = 2048, rounds: int = 5) -> float:
-    """This machine's fp32 matrix-multiply rate: the best of `rounds` after a warm-up."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times) / 1e9
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
@@ -94,7 +82,7 @@ def main(argv=None):
     if args.child:
         print(json.dumps(run_method(args.child, args.images, args.texts, args.scores)))
         return
-    peaks = [matmul_peak_gflops()]  # measured before and after the scorers; the best counts
+    peaks = [matmul_peak_flops() / 1e9]  # measured before and after the scorers; the best counts
     results, scores = {}, {}
     for method in ("original", "fast"):
         scores_path = Path(args.output).with_suffix(f".{method}.pt.tmp")
@@ -105,7 +93,7 @@ def main(argv=None):
         scores[method] = torch.load(scores_path, weights_only=True)
         scores_path.unlink()
         print(f"{method:16s} {results[method]['seconds']:8.1f} s  peak RSS {results[method]['peak_rss_mib']:.0f} MiB")
-    peaks.append(matmul_peak_gflops())
+    peaks.append(matmul_peak_flops() / 1e9)
     peak, pairs_per_second = max(peaks), args.images * args.texts / results["fast"]["seconds"]
     achieved, executed = pairs_per_second * flops_per_pair() / 1e9, pairs_per_second * executed_flops_per_pair() / 1e9
     report = {

@@ -10,7 +10,6 @@ the sdpa attention implementation. Prints a table and writes JSON with items/s, 
 import argparse
 import json
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from flair_hf import FlairConfig, FlairModel
+from flair_hf_benchmarks.measurement import peak_memory_mib, reset_peak, synchronize
 
 
 def build_models(implementation: str, device: str, dtype: torch.dtype, model_config: dict | None = None) -> dict:
@@ -44,32 +44,22 @@ def tower_calls(models: dict, tower: str, pixels: torch.Tensor, ids: torch.Tenso
     return {"flair": lambda: models["flair"].get_text_embeds(ids), "clip": lambda: models["clip"].get_text_features(input_ids=ids)}
 
 
-def peak_memory_mib(device: str, baseline: int = 0) -> float:
-    """CUDA: peak allocated bytes above `baseline` (what was resident before the call); CPU: the process's peak RSS."""
-    if device.startswith("cuda"):
-        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark on CPU
-
-
 def measure_pair(calls: dict, batch: int, iterations: int, device: str) -> dict:
     """Median items/s of each call over `iterations` interleaved rounds (after a warm-up), and its peak memory (on
     CUDA net of the weights and inputs already resident, so each model's figure is its own working memory)."""
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = {name: [] for name in calls}
     peaks = {}
     with torch.inference_mode():
         for name, call in calls.items():
-            baseline = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
+            baseline = reset_peak(device)
             call()
-            synchronize()
+            synchronize(device)
             peaks[name] = peak_memory_mib(device, baseline)
         for _ in range(iterations):
             for name, call in calls.items():
                 start = time.perf_counter()
                 call()
-                synchronize()
+                synchronize(device)
                 times[name].append(time.perf_counter() - start)
     return {name: {"items_per_s": batch / statistics.median(times[name]), "peak_memory_mib": peaks[name]} for name in calls}
 

@@ -15,23 +15,19 @@ Prints the numbers and writes JSON.
 
 import argparse
 import contextlib
-import io
-import json
 import platform
-import resource
 import statistics
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from flair_hf import FlairConfig, FlairModel, FlairTokenizer
 from flair_hf.loss import flair_loss, sample_text_indices
+from flair_hf_benchmarks.measurement import peak_memory_mib, reset_peak, synchronize
 from flair_hf_benchmarks.reporting import write_json
+from flair_hf_benchmarks.synthetic import caption_ids, synthetic_shards
 from flair_hf_conversion.convert_flair_to_hf import convert_state_dict
 from flair_hf_conversion.original_forward import OriginalFlair
 from flair_hf_training.data import FlairTrainingStream, make_collate, parse_sources
@@ -46,27 +42,6 @@ SIZES = {
         "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
     },
 }
-
-
-def synthetic_shards(directory: Path, shards: int = 4, per_shard: int = 64) -> str:
-    for shard in range(shards):
-        with tarfile.open(directory / f"bench-{shard:04d}.tar", "w") as tar:
-            for i in range(per_shard):
-                rng = np.random.default_rng(shard * per_shard + i)
-                buffer = io.BytesIO()
-                Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-                record = {"raw_caption": ["A photo."], "longSV_captions": ["First sentence. Second one. Third\nFourth"]}
-                for name, payload in ((f"{i:06d}.jpg", buffer.getvalue()), (f"{i:06d}.json", json.dumps(record).encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-    return str(directory / f"bench-{{0000..{shards - 1:04d}}}.tar")
-
-
-def peak_memory_mib(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def training_steps(
@@ -85,9 +60,7 @@ def training_steps(
     pixels = torch.randn(batch, 3, size, size, device=device)
     ids = caption_ids(texts, "flair").to(device)
     autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     times, flops = [], None
     for step in range(steps + 1):
         counter = FlopCounterMode(display=False) if step == 0 else contextlib.nullcontext()
@@ -98,7 +71,7 @@ def training_steps(
             loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        synchronize()
+        synchronize(device)
         if step:  # the first step is a warm-up (and counts the FLOPs)
             times.append(time.perf_counter() - start)
         else:
@@ -106,22 +79,6 @@ def training_steps(
     median = statistics.median(times)
     return {"samples_per_second": batch / median, "median_step_seconds": median, "flops_per_step": flops,
             "tflops_per_second": flops / median / 1e12, "peak_memory_mib": peak_memory_mib(device)}  # fmt: skip
-
-
-def caption_ids(texts: int, lengths: str, seed: int = 0) -> torch.Tensor:
-    """`(texts, 77)` token ids: `flair` lengths (1-3 sentences of 12-28 tokens plus start/end, at most 77) or `full`."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 49406, (texts, 77), generator=generator)
-    if lengths == "full":
-        ends = torch.full((texts,), 76)
-    else:
-        sentences = torch.randint(1, 4, (texts,), generator=generator)
-        tokens = torch.randint(12, 29, (texts, 3), generator=generator) * (torch.arange(3) < sentences[:, None])
-        ends = (tokens.sum(1) + 1).clamp(max=76)
-    ids[:, 0] = 49406
-    ids[torch.arange(texts), ends] = 49407
-    ids[torch.arange(77) > ends[:, None]] = 0
-    return ids
 
 
 def original_and_ours(model_size: str) -> tuple[OriginalFlair, FlairModel]:

@@ -49,7 +49,9 @@ from flair_hf import FlairConfig, FlairModel
 from flair_hf.modeling_flair import PAIR_IMAGE_CHUNK_SIZE
 from flair_hf.retrieval import flair_scores
 from flair_hf_benchmarks import benchmark_scoring, benchmark_towers, benchmark_training, evaluate_retrieval, evaluate_segmentation
+from flair_hf_benchmarks.measurement import matmul_peak_flops, peak_memory_mib, reset_peak, synchronize
 from flair_hf_benchmarks.reporting import write_json
+from flair_hf_benchmarks.synthetic import synthetic_shards
 from flair_hf_conversion import convert_flair_to_hf
 from flair_hf_conversion.manifest_weights import manifest_state_dict
 from flair_hf_conversion.original_forward import attention_pooling_of, original_pair_scores
@@ -81,16 +83,6 @@ CHILD_TIMEOUT = 240  # seconds for each child process (pytest, accelerate launch
 # resumed vs uninterrupted losses: the first resumed step recomputes a saved state (forward only); later steps may
 # differ by non-deterministic GPU backward kernels (atomics), hence a looser bound for them
 RESUME_FIRST_STEP_RTOL, RESUME_RTOL = 1e-5, 2e-2
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
 
 
 def run_child(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -206,20 +198,6 @@ def correctness(args, scale: dict, model_dir: Path, reference: dict) -> dict:
 # 2. towers --------------------------------------------------------------------------------------------------------
 
 
-def matmul_peak_tflops(device: str, size: int, dtype: torch.dtype) -> float:
-    """Measured dense matmul rate (median of 10 after 3 warm-ups) on random data."""
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    times = []
-    for index in range(13):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        if index >= 3:
-            times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e12
-
-
 def count_flops(call) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -257,14 +235,13 @@ def towers(args, scale: dict, dtype: torch.dtype, peak: float) -> list[dict]:
 
 def timed(device: str, call):
     """`call()`'s value, seconds and peak CUDA memory above what was resident before it (inputs, weights), MiB."""
-    baseline = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
-    reset_peak(device)
+    baseline = reset_peak(device)
     synchronize(device)
     start = time.perf_counter()
     value = call()
     synchronize(device)
     seconds = time.perf_counter() - start
-    memory = (torch.cuda.max_memory_allocated() - baseline) / 2**20 if device.startswith("cuda") else None
+    memory = peak_memory_mib(device, baseline) if device.startswith("cuda") else None
     return value, seconds, memory
 
 
@@ -304,7 +281,7 @@ def training(args, scale: dict, peak: float, directory: Path) -> dict:
         )  # fmt: skip
         step.update(gradient_checkpointing=checkpointing, fraction_of_measured_peak=step["tflops_per_second"] / peak)
         result["single_process"].append(step)
-    shards = benchmark_training.synthetic_shards(directory, shards=4, per_shard=scale["train_batch"] * scale["launch_steps"] // 4 + 1)
+    shards = synthetic_shards(directory, shards=4, per_shard=scale["train_batch"] * scale["launch_steps"] // 4 + 1)
     config = directory / "suite_train.yaml"
     config.write_text(json.dumps({
         "model_config": benchmark_training.SIZES[scale["model"]], "captions_per_image": scale["captions_per_image"],
@@ -560,7 +537,7 @@ def main(argv=None) -> dict:
 
         def prepare():
             setup["model_dir"], setup["reference"] = converted_model("full" if scale["model"] == "vit-b-16" else "tiny", directory)
-            setup["peak"] = matmul_peak_tflops(args.device, scale["matmul"], dtype)
+            setup["peak"] = matmul_peak_flops(args.device, scale["matmul"], dtype, rounds=10) / 1e12
             datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device_name), None)
             return {"measured_matmul_peak": {"dtype": str(dtype).removeprefix("torch."), "tflops": setup["peak"]},
                     "datasheet_bf16_dense_tflops": datasheet}  # fmt: skip

@@ -30,7 +30,7 @@ def build_model():
 
 def batch_for_rank(rank: int):
     """Pixels `(B, 3, 32, 32)` and `(B*K, 77)` ids whose end-of-text positions differ per rank."""
-    from token_ids import ids_ending_at
+    from flair_hf_benchmarks.synthetic import ids_ending_at
 
     generator = torch.Generator().manual_seed(10 + rank)
     ids = ids_ending_at(torch.randint(1, 77 if rank == 0 else 20, (B * K,), generator=generator), generator)

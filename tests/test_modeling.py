@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModel, CLIPModel
 
 from flair_hf import FlairModel
-from token_ids import ids_ending_at
+from flair_hf_benchmarks.synthetic import ids_ending_at
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from benchmark_layouts import build_data_root
 from conftest import FIXTURES, ROOT, free_port
-from shards import write_shard
+from flair_hf_benchmarks.synthetic import write_shard
 
 TRAIN = str(ROOT / "training" / "train.py")
 TINY = str(ROOT / "training" / "configs" / "tiny_cpu.yaml")

@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from shards import write_corrupt_shard, write_shard
+from flair_hf_benchmarks.synthetic import write_shard
+from shards import write_corrupt_shard
 
 from flair_hf_training import data
 from flair_hf_training.data import DataError, FlairTrainingStream, RandomResizedCropTransform, check_shards, expand_braces, make_collate, parse_sources
