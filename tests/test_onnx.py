@@ -102,7 +102,7 @@ print(json.dumps({"logits": scores["logits"].tolist(), "imported": [m for m in s
     np.testing.assert_allclose(output["logits"], tiny_scorer.score(IMAGES, TEXTS)["logits"].numpy(), atol=1e-4)
 
 
-def test_runtime_imports_no_torch_where_torch_is_installed_and_pytorch_classes_register_on_first_use(tiny_onnx, tiny_dir):
+def test_runtime_imports_no_torch_where_torch_is_installed_and_pytorch_classes_register_on_first_use(tiny_onnx, tiny_dir, tmp_path):
     code = """
 import json, sys
 import flair_hf
@@ -115,13 +115,20 @@ try:
     known_before = True
 except ValueError:
     known_before = False
+from flair_hf.modeling_flair import FlairModel  # a submodule: no registration, but save_pretrained writes remote code
+FlairModel.from_pretrained(sys.argv[2]).save_pretrained(sys.argv[3])
+saved = sorted(json.load(open(sys.argv[3] + "/config.json"))["auto_map"])
 from flair_hf import FlairProcessor
 model = AutoModel.from_pretrained(sys.argv[2], trust_remote_code=False)
-print(json.dumps({"light": light, "known_before": known_before, "model": type(model).__module__}))
+print(json.dumps({"light": light, "known_before": known_before, "auto_map": saved, "model": type(model).__module__}))
 """
-    result = subprocess.run([sys.executable, "-c", code, str(tiny_onnx), str(tiny_dir)], capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", code, str(tiny_onnx), str(tiny_dir), str(tmp_path / "saved")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout) == {"light": [], "known_before": False, "model": "flair_hf.modeling_flair"}
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "light": [], "known_before": False, "model": "flair_hf.modeling_flair",
+        "auto_map": ["AutoConfig", "AutoModel", "AutoModelForZeroShotImageClassification"],
+    }  # fmt: skip
 
 
 def test_int8_quantizes_the_matmuls_and_drifts_within_measured_bounds(full_onnx, tmp_path):
@@ -159,7 +166,8 @@ def test_readme_deploying_commands_and_example_run_as_written(tiny_dir, tmp_path
 
 @pytest.mark.parametrize(
     "bound, value, extra, message",
-    [("CHECK_TOLERANCE", 0.0, [], "differ from PyTorch"), ("INT8_MIN_EMBEDDING_COSINE", 1.01, ["--quantize", "int8"], "int8 graphs' embeddings drift")],
+    [("CHECK_TOLERANCE", 0.0, [], "differ from PyTorch"), ("INT8_MIN_EMBEDDING_COSINE", 1.01, ["--quantize", "int8"], "int8 graphs' embeddings drift"),
+     ("INT8_MAX_COSINE_DIFFERENCE", -1.0, ["--quantize", "int8"], "pair graph's FLAIR cosines differ")],
 )  # fmt: skip
 def test_export_checks_against_pytorch_before_anything_is_written(tiny_dir, tmp_path, monkeypatch, capsys, bound, value, extra, message):
     monkeypatch.setattr(export_onnx, bound, value)
@@ -185,6 +193,8 @@ def test_runtime_errors_name_the_problem(tiny_onnx, tiny_dir, monkeypatch):
         exported.encode_image(np.zeros((4, 4, 3), dtype=np.float32))
     with pytest.raises(FileNotFoundError, match="export a model first"):
         FlairOnnxModel.from_pretrained(tiny_dir)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        FlairOnnxModel.from_pretrained(str(tiny_onnx) + "-typo")
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the variable alone is too late
@@ -277,3 +287,28 @@ def test_encode_in_batches_with_progress_bars_equals_the_scorer(tiny_onnx, tiny_
     np.testing.assert_allclose(texts, tiny_scorer.encode_text(TEXTS * 3).numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(images, tiny_scorer.encode_image(IMAGES).numpy(), atol=1e-5, rtol=0)
     assert "encoding" not in (exported.encode_text(TEXTS), capsys.readouterr().err)[1]
+
+
+def test_graphs_load_on_first_use_and_an_incomplete_export_is_refused(tiny_onnx, tmp_path):
+    exported = FlairOnnxModel.from_pretrained(tiny_onnx)
+    assert len(exported.sessions) == 0
+    exported.encode_text("a dog")
+    assert list(exported.sessions) == ["text"]
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_onnx, partial)
+    (partial / "pair_attention.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks the attention graph"):
+        FlairOnnxModel.from_pretrained(partial)
+    config = json.loads((partial / "processor_config.json").read_text())
+    config["image_processor"]["do_convert_rgb"] = False
+    (partial / "processor_config.json").write_text(json.dumps(config))
+    shutil.copy(tiny_onnx / "pair_attention.onnx", partial)
+    with pytest.raises(ValueError, match="do_convert_rgb=False"):
+        FlairOnnxModel.from_pretrained(partial)
+
+
+def test_images_and_texts_from_generators_are_lists_for_both_backends(tiny_onnx, tiny_scorer):
+    expected = tiny_scorer.score(IMAGES[:2], TEXTS[:2])["logits"].numpy()
+    for scorer in (tiny_scorer, FlairOnnxModel.from_pretrained(tiny_onnx)):
+        logits = np.asarray(scorer.score((i for i in IMAGES[:2]), (t for t in TEXTS[:2]))["logits"])
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)

@@ -3,11 +3,21 @@
 `import flair_hf` is light, like `import transformers`: it imports neither torch nor transformers, so the ONNX Runtime
 side (`flair_hf.onnx`, `flair_hf.preprocessing`) runs without them even where they are installed. The first FLAIR class
 taken from the package (`from flair_hf import FlairModel`), or `flair_hf.register_auto_classes()`, imports the PyTorch
-side and registers the classes with the transformers Auto classes, marked so that `save_pretrained` writes an
-`auto_map` and the source files for loading with `trust_remote_code=True`.
+side and registers the classes with the transformers Auto classes. The classes themselves are marked (`_auto_class`)
+so that `save_pretrained` writes an `auto_map` and the source files for loading with `trust_remote_code=True`,
+however they were imported.
 """
 
 import importlib
+import importlib.util
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
+    from .configuration_flair import FlairConfig, FlairTextConfig, FlairVisionConfig  # noqa: F401
+    from .modeling_flair import FlairModel, FlairModelForGlobalScoring, FlairOutput, FlairPreTrainedModel  # noqa: F401
+    from .preprocessing import clean_caption  # noqa: F401
+    from .processing_flair import FlairImageProcessor, FlairProcessor, FlairTokenizer  # noqa: F401
+    from .scorer import FlairScorer  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -31,7 +41,7 @@ _registered = False
 
 def register_auto_classes() -> None:
     """Register FLAIR with `AutoConfig`, `AutoModel`, `AutoModelForZeroShotImageClassification` (pipelines),
-    `AutoTokenizer`, `AutoImageProcessor` and `AutoProcessor`, and mark the classes for remote code (idempotent)."""
+    `AutoTokenizer`, `AutoImageProcessor` and `AutoProcessor` (idempotent)."""
     global _registered
     if _registered:
         return
@@ -62,11 +72,6 @@ def register_auto_classes() -> None:
         (AutoProcessor, FlairProcessor),
     ):
         auto_class.register(FlairConfig, flair_class, exist_ok=True)
-    FlairConfig.register_for_auto_class()
-    FlairModel.register_for_auto_class("AutoModel")
-    FlairTokenizer.register_for_auto_class("AutoTokenizer")
-    FlairImageProcessor.register_for_auto_class("AutoImageProcessor")
-    FlairProcessor.register_for_auto_class("AutoProcessor")
     _registered = True
 
 
@@ -82,4 +87,6 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_PYTORCH_NAMES})
+    """The PyTorch names are listed where torch and transformers are installed (where they can be taken)."""
+    installed = all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
+    return sorted({*globals(), *(_PYTORCH_NAMES if installed else ())})

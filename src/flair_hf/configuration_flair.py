@@ -93,6 +93,7 @@ class FlairConfig(PreTrainedConfig):
     """
 
     model_type = "flair"
+    _auto_class = "AutoConfig"  # save_pretrained writes the source files and auto_map (remote code)
     sub_configs_defaults = {"text_config": FlairTextConfig, "vision_config": FlairVisionConfig}
 
     text_config: dict | FlairTextConfig | None = None

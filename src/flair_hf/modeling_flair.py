@@ -577,6 +577,7 @@ class FlairModel(FlairPreTrainedModel):
 
     main_input_name = "input_ids"
     _input_embed_layer = "token_embedding"
+    _auto_class = "AutoModel"  # save_pretrained writes the source files and auto_map (remote code)
 
     def __init__(self, config: FlairConfig):
         super().__init__(config)

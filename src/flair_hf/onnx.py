@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .preprocessing import FLAIR_PAD_TOKEN_ID, clean_caption, image_to_pixels, open_image
+from .preprocessing import FLAIR_PAD_TOKEN_ID, as_image_list, as_text_list, clean_caption, image_to_pixels, open_image
 
 MANIFEST = "flair_onnx.json"
 FORMAT = "flair-onnx"
@@ -53,15 +53,6 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _texts(texts) -> list[str]:
-    return [texts] if isinstance(texts, str) else list(texts)
-
-
-def _images(images) -> list:
-    """One image (PIL image, path or array) or a list of them, as a list."""
-    return [images] if isinstance(images, (Image.Image, str, os.PathLike, np.ndarray)) else list(images)
-
-
 def _image(item):
     """A PIL image from a PIL image, a local path or a uint8 array `(H, W)`, `(H, W, C)` or `(C, H, W)` (C = 1 or 3)."""
     if isinstance(item, Image.Image):
@@ -94,22 +85,22 @@ class FlairOnnxModel:
         manifest = json.loads((directory / MANIFEST).read_text())
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{directory / MANIFEST}: not a {FORMAT} v{FORMAT_VERSION} manifest; re-export with this flair-hf")
-        ort = _onnxruntime()
-        sessions = {
-            name: ort.InferenceSession(str(directory / file), session_options, providers=providers or ["CPUExecutionProvider"])
-            for name, file in manifest["graphs"].items()
-        }
+        missing = [name for name in GRAPHS if not (directory / manifest["graphs"].get(name, GRAPHS[name])).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory}: the export lacks the {', '.join(missing)} graph(s) (an older or partial "
+                                    "export); re-export with: python conversion/export_onnx.py MODEL_DIR OUT_DIR")  # fmt: skip
+        sessions = _Sessions(directory, manifest["graphs"], providers or ["CPUExecutionProvider"], session_options)
         return cls(manifest, sessions, _text_tokenizer(directory, manifest), _image_settings(directory))
 
     def token_ids(self, texts) -> list[list[int]]:
         """Each text's ids (cleaned as open_clip, `<start_of_text>` ... `<end_of_text>`, truncated to the context length)."""
-        return [encoding.ids for encoding in self.tokenizer.encode_batch([clean_caption(t) for t in _texts(texts)])]
+        return [encoding.ids for encoding in self.tokenizer.encode_batch([clean_caption(t) for t in as_text_list(texts)])]
 
     def pixel_values(self, images) -> np.ndarray:
         """`(B, 3, H, W)` float32 pixels of one image or a list, exactly as `FlairImageProcessor` makes them."""
         s = self.image_settings
         arrays = [image_to_pixels(_image(image), s["shortest_edge"], s["crop_size"], s["image_mean"], s["image_std"],
-                                  s["rescale_factor"], s["resample"]) for image in _images(images)]  # fmt: skip
+                                  s["rescale_factor"], s["resample"]) for image in as_image_list(images)]  # fmt: skip
         return np.stack(arrays) if arrays else np.zeros((0, 3, *s["crop_size"]), dtype=np.float32)
 
     def text_embeds(self, texts, batch_size: int = 256, show_progress_bar: bool = False) -> np.ndarray:
@@ -133,7 +124,7 @@ class FlairOnnxModel:
 
     def image_features(self, images, batch_size: int = 64, show_progress_bar: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Global image embeddings `(B, D)` and projected patch tokens `(B, L, D)`, not normalised."""
-        images = _images(images)
+        images = as_image_list(images)
         embeds, tokens = [], []
         for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not show_progress_bar):
             batch_embeds, batch_tokens = self.pixel_features(self.pixel_values(images[start : start + batch_size]))
@@ -183,7 +174,7 @@ class FlairOnnxModel:
     def score(self, images, texts) -> dict[str, np.ndarray]:
         """FLAIR logits `(B, T)` of images against texts, with `probs` (softmax over the texts), `sigmoid_probs` and
         the global `logits_as_clip`, as `FlairScorer.score`."""
-        images, texts = _images(images), _texts(texts)
+        images, texts = as_image_list(images), as_text_list(texts)
         if not images or not texts:
             raise ValueError(f"score() got {len(images)} images and {len(texts)} texts: pass at least one of each")
         text_embeds = self.text_embeds(texts)
@@ -197,12 +188,33 @@ class FlairOnnxModel:
         }
 
 
+class _Sessions(dict):
+    """ONNX Runtime sessions by graph name, each created on first use (a text-only deployment loads one graph)."""
+
+    def __init__(self, directory: Path, files: dict, providers: list[str], session_options):
+        super().__init__()
+        self.directory, self.files, self.providers, self.session_options = directory, files, providers, session_options
+
+    def __missing__(self, name: str):
+        ort = _onnxruntime()
+        session = self[name] = ort.InferenceSession(str(self.directory / self.files[name]), self.session_options, providers=self.providers)
+        return session
+
+
+def _looks_local(path) -> bool:
+    """A path rather than a Hub repository id (`name` or `org/name`)."""
+    text = str(path)
+    return Path(text).exists() or Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") > 1
+
+
 def _local_directory(path) -> Path:
     """`path` if it is a directory, else the snapshot of Hub repository `path` (a clear error when it cannot be had)."""
     if Path(path).is_dir():
         if not is_onnx_export(path):
             raise FileNotFoundError(f"{path}: no {MANIFEST}; export a model first: python conversion/export_onnx.py MODEL_DIR {path}")
         return Path(path)
+    if _looks_local(path):
+        raise FileNotFoundError(f"{path}: no such directory; pass the directory conversion/export_onnx.py wrote")
     try:
         from huggingface_hub import snapshot_download
 
@@ -234,6 +246,9 @@ def _image_settings(directory: Path) -> dict:
             break
     else:
         raise FileNotFoundError(f"{directory}: no processor_config.json or preprocessor_config.json; re-export the model")
+    if config.get("do_convert_rgb") is False:
+        raise ValueError(f"{directory}: the processor has do_convert_rgb=False; the exported image encoder takes RGB pixels "
+                         "(set it to true in the processor config)")  # fmt: skip
     crop = config["crop_size"]
     return {
         "shortest_edge": config["size"]["shortest_edge"] if config.get("do_resize", True) else None,

@@ -17,6 +17,17 @@ OPEN_CLIP_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\
 BICUBIC = 3  # PIL's and transformers' `PILImageResampling.BICUBIC`
 
 
+def as_text_list(texts) -> list[str]:
+    """One string, or an iterable of strings, as a list."""
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+def as_image_list(images) -> list:
+    """One image (a PIL image, a path, or an array or tensor: anything with a `shape`), or an iterable of images, as a
+    list."""
+    return [images] if isinstance(images, (Image.Image, str, os.PathLike)) or hasattr(images, "shape") else list(images)
+
+
 def open_image(path) -> Image.Image:
     """Open and fully decode a local image file, with an error that names the file."""
     path = os.fspath(path)

@@ -31,6 +31,8 @@ class FlairImageProcessor(PilBackend):
     Returns `pixel_values` of shape `(batch, 3, crop_height, crop_width)`, float32.
     """
 
+    _auto_class = "AutoImageProcessor"
+
     resample = PILImageResampling.BICUBIC
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
@@ -101,6 +103,8 @@ class FlairTokenizer(CLIPTokenizer):
     Use `padding="max_length", truncation=True, max_length=77` (the processor's defaults) for the original layout:
     truncation keeps `<|endoftext|>` last.
     """
+
+    _auto_class = "AutoTokenizer"
 
     def __init__(
         self,
@@ -197,6 +201,8 @@ class FlairProcessor(ProcessorMixin):
     Wraps a [`FlairImageProcessor`] and a [`FlairTokenizer`]. Text is padded to 77 tokens and truncated by default,
     as in the original; `__call__(text=..., images=...)` returns `input_ids`, `attention_mask` and/or `pixel_values`.
     """
+
+    _auto_class = "AutoProcessor"
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer)

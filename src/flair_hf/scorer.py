@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .modeling_flair import FlairModel
+from .preprocessing import as_image_list, as_text_list
 from .processing_flair import FlairProcessor
 
 
@@ -26,7 +27,6 @@ class FlairScorer:
         return cls(FlairModel.from_pretrained(path, **model_kwargs).eval(), FlairProcessor.from_pretrained(path))
 
     def _batched(self, items, batch_size: int, encode, description: str, show_progress_bar: bool) -> torch.Tensor:
-        items = list(items) if isinstance(items, (list, tuple)) else [items]
         starts = tqdm(range(0, len(items), batch_size), desc=description, disable=not show_progress_bar)
         chunks = [F.normalize(encode(items[start : start + batch_size]).float(), dim=-1) for start in starts]
         return torch.cat(chunks) if chunks else torch.zeros(0, self.model.config.projection_dim)
@@ -38,7 +38,7 @@ class FlairScorer:
         def encode(batch):
             return self.model.get_text_embeds(self.processor(text=batch)["input_ids"].to(self.model.device))
 
-        return self._batched(texts, batch_size, encode, "encoding texts", show_progress_bar)
+        return self._batched(as_text_list(texts), batch_size, encode, "encoding texts", show_progress_bar)
 
     @torch.no_grad()
     def encode_image(self, images, batch_size: int = 64, show_progress_bar: bool = False) -> torch.Tensor:
@@ -48,15 +48,14 @@ class FlairScorer:
             pixels = self.processor(images=batch)["pixel_values"].to(self.model.device, self.model.dtype)
             return self.model.get_image_embeds(pixels)
 
-        return self._batched(images, batch_size, encode, "encoding images", show_progress_bar)
+        return self._batched(as_image_list(images), batch_size, encode, "encoding images", show_progress_bar)
 
     @torch.no_grad()
     def score(self, images, texts) -> dict[str, torch.Tensor]:
         """FLAIR logits `(B, T)` of images against texts, with `probs` (softmax over the texts, as the zero-shot
         pipeline), `sigmoid_probs` (each pair on its own: FLAIR's training objective) and the global, CLIP-style
         `logits_as_clip`."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        images, texts = as_image_list(images), as_text_list(texts)
         if not images or not texts:
             raise ValueError(f"score() got {len(images)} images and {len(texts)} texts: pass at least one of each")
         inputs = self.processor(text=texts, images=images)
