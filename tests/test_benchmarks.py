@@ -47,3 +47,27 @@ def test_inference_benchmark_compares_model_call_with_the_original_get_logits(tm
         assert low <= row["mean_caption_tokens"] <= high
         assert row["max_logit_difference"] <= 1e-5
         assert row["speed_ours_over_original"] == row["seconds"]["original"] / row["seconds"]["ours"]
+    assert report["inference"]["full"]["exact_cut_flop_bound"] == 1.0 < report["inference"]["flair"]["exact_cut_flop_bound"]
+
+
+def test_the_flop_model_of_the_inference_bound_counts_what_the_towers_compute():
+    """`transformer_flops` against torch's FlopCounterMode on eager towers (matmuls only: the eager path runs the
+    attention as two matmuls, which the counter sees; the patch embedding is counted apart)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flair_hf import FlairConfig, FlairModel
+    from flair_hf_benchmarks.benchmark_inference import transformer_flops
+
+    small = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = FlairConfig(projection_dim=16, text_config=small, vision_config={**small, "image_size": 32, "patch_size": 8})
+    config._attn_implementation = "eager"
+    model = FlairModel(config).eval()
+    ids = torch.randint(1, 49406, (3, 77))
+    with torch.no_grad(), FlopCounterMode(display=False) as text:
+        model.text_model(input_ids=ids, output_hidden_states=True)
+    with torch.no_grad(), FlopCounterMode(display=False) as vision:
+        model.vision_model(pixel_values=torch.randn(2, 3, 32, 32))
+    patch_embedding = 2 * 2 * 16 * 32 * 3 * 8 * 8  # images x patches x width x (channels x patch area), x 2
+    assert text.get_total_flops() == 3 * transformer_flops(config.text_config, 77)
+    assert vision.get_total_flops() - patch_embedding == 2 * transformer_flops(config.vision_config, 17)
