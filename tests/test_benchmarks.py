@@ -47,7 +47,9 @@ def test_inference_benchmark_compares_model_call_with_the_original_get_logits(tm
         assert low <= row["mean_caption_tokens"] <= high
         assert row["max_logit_difference"] <= 1e-5
         assert row["speed_ours_over_original"] == row["seconds"]["original"] / row["seconds"]["ours"]
-    assert report["inference"]["full"]["exact_cut_flop_bound"] == 1.0 < report["inference"]["flair"]["exact_cut_flop_bound"]
+    assert report["inference"]["full"]["flop_bound"] == {"exact_cut": 1.0, "length_groups": 1.0}
+    flair = report["inference"]["flair"]["flop_bound"]
+    assert 1.0 < flair["length_groups"] <= flair["exact_cut"]
 
 
 def test_the_flop_model_of_the_inference_bound_counts_what_the_towers_compute():

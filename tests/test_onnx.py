@@ -193,6 +193,10 @@ def test_runtime_errors_name_the_problem(tiny_onnx, tiny_dir, monkeypatch):
         exported.encode_image(np.zeros((4, 4, 3), dtype=np.float32))
     with pytest.raises(FileNotFoundError, match="export a model first"):
         FlairOnnxModel.from_pretrained(tiny_dir)
+    from flair_hf.retrieval import flair_scores
+
+    with pytest.raises(ValueError, match="precision it was exported in"):
+        flair_scores(exported, torch.zeros(1, 32), torch.zeros(1, 196, 32), autocast_dtype=torch.bfloat16)
     with pytest.raises(FileNotFoundError, match="no such directory"):
         FlairOnnxModel.from_pretrained(str(tiny_onnx) + "-typo")
     import huggingface_hub.constants

@@ -72,9 +72,11 @@ def flair_scores(
     from `output_norm_factors` (about half the multiply-adds).
 
     `pooling` may also be an exported head with `flair_cosines(text_embeds, image_token_embeds)` (NumPy in and out,
-    e.g. `flair_hf.onnx.FlairOnnxModel`), which then scores every pair itself.
+    e.g. `flair_hf.onnx.FlairOnnxModel`), which then scores every pair itself, in its own blocks and precision.
     """
     if hasattr(pooling, "flair_cosines"):
+        if autocast_dtype is not None:
+            raise ValueError("autocast_dtype is for a PyTorch pooling head; an export runs in the precision it was exported in")
         return torch.from_numpy(pooling.flair_cosines(text_embeds.float().cpu().numpy(), image_token_embeds.float().cpu().numpy()))
     device = torch.device(device) if device is not None else pooling.q_proj.weight.device
     scores = torch.empty(image_token_embeds.shape[0], text_embeds.shape[0], device=device)  # copied to the CPU once
