@@ -9,8 +9,8 @@ text broadcast to every image and pooled by `nn.MultiheadAttention(add_zero_attn
 `model(input_ids=..., pixel_values=..., attention_mask=...)` as a processor's output feeds it. Both run under
 `torch.no_grad()` in interleaved rounds after a warm-up whose logits must agree within `--tolerance`. Captions are
 `flair` lengths (1-3 sentences of 12-28 tokens) and `full` (77 tokens). Beside each speed-up, the most that the
-end-of-text cut can give at equal kernel speed (`flop_bound`, from the towers' FLOPs: every caption cut exactly, and
-as the model's length groups run). Prints the numbers and writes JSON.
+end-of-text cut (the last layer at that token only) can give at equal kernel speed (`flop_bound`, from the towers'
+FLOPs: every caption cut exactly, and as the model's length groups run). Prints the numbers and writes JSON.
 """
 
 import argparse
@@ -35,11 +35,17 @@ def original_get_logits(original, ids: torch.Tensor, pixels: torch.Tensor) -> to
     return original.logit_scale.exp() * cosines + original.logit_bias
 
 
-def transformer_flops(config, tokens: int) -> int:
+def transformer_flops(config, tokens: int, pooled: bool = False) -> int:
     """Multiply-adds x 2 of one tower's layers over one sequence of `tokens`: q/k/v/out projections, the MLP, the
-    attention scores and the weighted sum (full attention, as the kernels compute it)."""
+    attention scores and the weighted sum (full attention, as the kernels compute it). `pooled`: the last layer
+    queries from the final position only (keys and values still over every position), as the text tower runs for
+    its pooled output."""
     width, mlp = config.hidden_size, config.intermediate_size
-    return config.num_hidden_layers * (2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width)
+
+    def layer(queries: int) -> int:
+        return 4 * tokens * width * width + 2 * queries * (2 * width * width + 2 * width * mlp) + 4 * queries * tokens * width
+
+    return (config.num_hidden_layers - 1) * layer(tokens) + layer(1 if pooled else tokens)
 
 
 def text_tower_calls(model, ids: torch.Tensor) -> list[tuple[int, int]]:
@@ -55,15 +61,18 @@ def text_tower_calls(model, ids: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def flop_bounds(model, images: int, ids: torch.Tensor) -> dict:
-    """The most that running captions only to their end-of-text tokens can gain at equal kernel speed: the towers'
-    FLOPs with every caption over all positions (the original) over the same with every caption over its own length
-    (`exact_cut`), and over what the model's length groups run (`length_groups`, each group cut at its longest).
-    Upper bounds: the parts both compute alike (patch embedding, projections, pooling head) are left out."""
+    """The most that computing each caption only as far as its pooled output needs can gain at equal kernel speed:
+    the towers' FLOPs with every caption over all positions (the original) over the same with every caption over
+    its own length, the last layer at its end-of-text token only (`exact_cut`), and over what the model's length
+    groups run (`length_groups`, each group cut at its longest). Upper bounds: the parts both compute alike (patch
+    embedding, projections, pooling head) are left out."""
     config = model.config
     vision = images * transformer_flops(config.vision_config, (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1)
     original = vision + len(ids) * transformer_flops(config.text_config, ids.shape[1])
-    exact = vision + sum(transformer_flops(config.text_config, int(end) + 1) for end in ids.argmax(-1))
-    grouped = vision + sum(texts * transformer_flops(config.text_config, positions) for texts, positions in text_tower_calls(model, ids))
+    exact = vision + sum(transformer_flops(config.text_config, int(end) + 1, pooled=True) for end in ids.argmax(-1))
+    grouped = vision + sum(
+        texts * transformer_flops(config.text_config, positions, pooled=True) for texts, positions in text_tower_calls(model, ids)
+    )  # fmt: skip
     return {"exact_cut": original / exact, "length_groups": original / grouped}
 
 

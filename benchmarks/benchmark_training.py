@@ -8,7 +8,8 @@ The step is forward (FLAIR loss) + backward + AdamW on one process. The baseline
 the original loss) holding the same weights; both run in this process in interleaved rounds, after a check that
 their losses agree. Captions are `flair` lengths (sub-captions of 1-3 sentences of 12-28 tokens, as FLAIR samples
 them, capped at 77) and `full` (every caption 77 tokens, the worst case). A breakdown times each part (text tower,
-vision tower, loss head) forward + backward; AdamW's share comes from the steps. The pipeline reads webdataset shards (synthetic 256x256 JPEGs with DreamLIP-style
+vision tower, loss head) forward + backward; AdamW's share comes from the steps (the original's call, torch's
+default per-tensor loop on CPU, against the trainer's `build_optimizer`, fused). The pipeline reads webdataset shards (synthetic 256x256 JPEGs with DreamLIP-style
 captions unless --data is given), decodes, crops and tokenises with the given number of DataLoader workers.
 Prints the numbers and writes JSON.
 """
@@ -31,6 +32,7 @@ from flair_hf_benchmarks.synthetic import caption_ids, synthetic_shards
 from flair_hf_conversion.convert_flair_to_hf import convert_state_dict
 from flair_hf_conversion.original_forward import OriginalFlair
 from flair_hf_training.data import FlairTrainingStream, make_collate, parse_sources
+from flair_hf_training.train import TrainConfig, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +56,7 @@ def training_steps(
     model = FlairModel(FlairConfig(**SIZES[model_size])).to(device).train()
     if gradient_checkpointing:
         model.activation_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = build_optimizer(model, TrainConfig())
     size = model.config.vision_config.image_size
     batch, texts = batch_size, batch_size * captions_per_image
     pixels = torch.randn(batch, 3, size, size, device=device)
@@ -105,7 +107,8 @@ def compare_steps(original, ours, pixels, ids, captions_per_image: int, rounds: 
         "ours": lambda: ours(input_ids=ids, pixel_values=pixels, return_loss=True, captions_per_image=K).loss,
     }
     models = {"original": original, "ours": ours}
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5) for name, model in models.items()}
+    # the original's AdamW call (torch's default kernel choice), ours as the trainer builds it (fused)
+    optimizers = {name: build_optimizer(model, TrainConfig(fused_adamw=name == "ours")) for name, model in models.items()}
     times = {name: {"forward": [], "backward": [], "optimizer": [], "step": []} for name in models}
     first_losses = {}
     for round_ in range(rounds + 1):

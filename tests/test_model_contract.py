@@ -26,7 +26,10 @@ def test_sharded_safetensors_round_trip(tiny_model, inputs, tmp_path):
     loaded = FlairModel.from_pretrained(tmp_path).eval()
     for name, tensor in tiny_model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
-    torch.testing.assert_close(logits(loaded, inputs), logits(tiny_model, inputs), atol=0, rtol=0)
+    # equal weights, equal logits up to float32 rounding: the loaded tensors are views into the files at other memory
+    # alignments, which the one-row GEMMs of the last text layer round differently in the last bit or two
+    reference, eps = logits(tiny_model, inputs), torch.finfo(torch.float32).eps
+    torch.testing.assert_close(logits(loaded, inputs), reference, rtol=4 * eps, atol=4 * eps * reference.abs().max().item())
 
 
 def test_dtype_loading(tiny_dir, tiny_model, inputs):

@@ -91,7 +91,7 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
     ids = ids_ending_at(ends, generator)
     mask = (ids != 0).long()
     calls = []
-    hook = model.text_model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    hook = model.text_model.embeddings.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
     fast = model.get_text_embeds(ids, mask)
     hook.remove()
     assert len(calls) == groups and max(shape[1] for shape in calls) == 77 and sum(s[0] for s in calls) == len(ends)
@@ -109,15 +109,21 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
 
 
 def test_groups_of_equal_length_run_as_one_call(tiny_dir):
-    """Captions all of the same length (77 tokens, the worst case) run in one tower call, not one per group."""
+    """Captions all of the same length (77 tokens, the worst case) run in one tower call, not one per group, and the
+    last layer computes the end-of-text token alone."""
     model = FlairModel.from_pretrained(tiny_dir, text_config={"length_groups": 4}).eval()
     ids = ids_ending_at([76] * 6 + [20, 20], torch.Generator().manual_seed(0))
-    calls = []
-    hook = model.text_model.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
+    calls, last_layer = [], []
+    hooks = [
+        model.text_model.embeddings.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape))),
+        model.text_model.encoder.layers[-1].register_forward_hook(lambda module, args, output: last_layer.append(output.shape[:2])),
+    ]  # fmt: skip
     with torch.no_grad():
         fast = model.get_text_embeds(ids)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     assert calls == [(2, 21), (6, 77)]  # sorted: the two short ones, then the 77-token ones merged from three groups
+    assert last_layer == [(2, 1), (6, 1)]  # the last layer runs at the end-of-text tokens only
     with torch.no_grad():
         torch.testing.assert_close(fast, model.text_projection(model.text_model(ids).pooler_output), atol=1e-6, rtol=1e-5)
 

@@ -159,3 +159,31 @@ def test_resumed_logs_keep_each_step_once_and_drop_a_torn_line(tmp_path):
     train.start_logs(tmp_path, tmp_path / "checkpoints" / "step_2", 2)
     assert (tmp_path / "losses.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0}\n'
     assert not (tmp_path / "checkpoints" / "step_4").exists()  # an abandoned continuation
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_kernel_choice_gives_the_per_tensor_loops_update(fused):
+    """`--fused-adamw` picks the kernel only: three steps equal torch's reference loop (foreach=False, the original's
+    call on CPU) to a few float32 ulps."""
+    config = train.load_config(["--config", TINY, "--fused-adamw", str(fused).lower(), "--lr", "1e-3"])
+    model = train.build_model(config)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    reference = train.build_model(config)
+    reference.load_state_dict(model.state_dict())
+    optimizer = train.build_optimizer(model, config)
+    loop = torch.optim.AdamW(
+        train.parameter_groups(reference, config.weight_decay), lr=1e-3, betas=(config.beta1, config.beta2),
+        eps=config.eps, foreach=False,
+    )  # fmt: skip
+    assert bool(optimizer.defaults["fused"]) is fused
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-2
+            q.grad = p.grad.clone()
+        optimizer.step()
+        loop.step()
+    eps = torch.finfo(torch.float32).eps
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert not torch.equal(p, initial[name]), name
+        torch.testing.assert_close(p, q, rtol=4 * eps, atol=4 * eps, msg=name)

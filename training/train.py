@@ -74,6 +74,7 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.98, "AdamW beta2")
     eps: float = option(1e-8, "AdamW epsilon")
+    fused_adamw: bool = option(True, "AdamW's fused kernel (one pass over all tensors, about 6x faster on CPU); false: torch's default, as the original")
     grad_clip_norm: float | None = option(None, "clip the gradients' global norm to this value (none: no clipping, as the paper runs)")
     mixed_precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), no, bf16 or fp16 (with loss scaling, as the original's amp)")
     tf32: bool = option(True, "allow TF32 matmuls and convolutions on GPU (the original enables them)")
@@ -317,6 +318,15 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups` with the configured betas and epsilon; `fused_adamw` selects torch's fused
+    kernel, the same update as the original's per-tensor loop up to float rounding."""
+    return torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+        fused=config.fused_adamw or None,
+    )  # fmt: skip
 
 
 def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -574,9 +584,7 @@ def train(config: TrainConfig) -> dict:
     )  # fmt: skip
     per_epoch = steps_per_epoch(config, stream, world_size)
     total_steps = config.max_steps or per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
-    )
+    optimizer = build_optimizer(model, config)
     schedule_steps = schedule_length(state, total_steps, config, accelerator.print)
     # the rate is set before each step from the step number (no scheduler object: Accelerate would step one
     # num_processes times per optimizer step)

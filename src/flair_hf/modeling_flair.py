@@ -87,7 +87,8 @@ def eager_attention_forward(
     attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    # softmax in float32 at least (float64 stays float64)
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
@@ -178,14 +179,24 @@ class FlairAttention(nn.Module):
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        query_positions: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, self.num_heads, self.head_dim)
-        queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        attn_output, attn_weights = _attention_interface(self.config, output_attentions)(
+        """Self-attention over `hidden_states`; with `query_positions` (one per sequence) only those positions query
+        (output `(batch, 1, width)`), in eager attention under `attention_mask`'s matching rows `(batch, 1, 1, keys)`."""
+        batch_size = hidden_states.shape[0]
+        if query_positions is not None:
+            query_states = hidden_states[torch.arange(batch_size, device=hidden_states.device), query_positions][:, None]
+        else:
+            query_states = hidden_states
+        queries = self.q_proj(query_states).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = self.k_proj(hidden_states).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        values = self.v_proj(hidden_states).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        attention = _attention_interface(self.config, output_attentions or query_positions is not None)
+        attn_output, attn_weights = attention(
             self,
             queries,
             keys,
@@ -196,7 +207,7 @@ class FlairAttention(nn.Module):
             # a 4-D mask already holds the causal part; flash kernels take a 2-D padding mask and the causal flag
             is_causal=self.is_causal and (attention_mask is None or attention_mask.dim() == 2),
         )
-        return self.out_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
+        return self.out_proj(attn_output.reshape(*query_states.shape[:-1], -1).contiguous()), attn_weights
 
 
 class FlairMLP(nn.Module):
@@ -220,9 +231,18 @@ class FlairEncoderLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        query_positions: torch.LongTensor | None = None,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask, output_attentions)[0]
+        """The pre-LayerNorm block; with `query_positions`, only those positions' outputs `(batch, 1, width)`."""
+        residual = hidden_states
+        if query_positions is not None:
+            residual = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), query_positions][:, None]
+        attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, output_attentions, query_positions)[0]
+        hidden_states = residual + attended
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
@@ -392,7 +412,7 @@ class FlairTextModel(FlairPreTrainedModel):
 
     def pooled_output(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`pooler_output` alone, each text computed only up to its end-of-text token (all that reaches it under the
-        causal mask): texts sorted by length into `min(config.length_groups, T)` groups, each cut at its longest
+        causal mask), the last layer at that token only: texts sorted by length into `min(config.length_groups, T)` groups, each cut at its longest
         (neighbouring groups with the same cut run as one call).
 
         A padding mask that keeps every position up to each end-of-text token cannot change the result, so it is
@@ -415,13 +435,26 @@ class FlairTextModel(FlairPreTrainedModel):
         pooled = []
         for group, cut in zip(groups, cuts):
             if len(group) == 0:  # a rank with fewer texts than groups: a one-token call, discarded, keeps step
-                self(input_ids.new_zeros(1, 1), return_dict=True)
+                self._pooled_at_end_of_text(input_ids.new_zeros(1, 1))
                 continue
             mask = attention_mask[group, :cut] if attention_mask is not None else None
-            pooled.append(self(input_ids[group, :cut], mask, return_dict=True).pooler_output)
+            pooled.append(self._pooled_at_end_of_text(input_ids[group, :cut], mask))
         if not pooled:
             return self.final_layer_norm.weight.new_zeros(0, self.config.hidden_size)
         return torch.cat(pooled)[order.argsort()]
+
+
+    def _pooled_at_end_of_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`pooler_output` of one call: every layer but the last over all positions, the last at the end-of-text
+        tokens only (no other position of it reaches the pooled state), under the rows of the causal mask there."""
+        hidden_states = self.embeddings(input_ids)
+        ends = input_ids.argmax(dim=-1).to(hidden_states.device)
+        *layers, last = self.encoder.layers
+        mask = _causal_attention_mask(self.config._attn_implementation, attention_mask, hidden_states)
+        for layer in layers:
+            hidden_states = layer(hidden_states, mask)
+        rows = _causal_attention_mask("eager", attention_mask, hidden_states)[torch.arange(len(ends)), :, ends][:, :, None]
+        return self.final_layer_norm(last(hidden_states, rows, query_positions=ends)[:, 0])
 
 
 def _merge_equal_cuts(groups: tuple, cuts: list[int]) -> tuple[list, list[int]]:
