@@ -128,6 +128,17 @@ def test_accumulation_checkpointing_and_tensorboard_logging(data, tmp_path):
     assert step["logit_scale"] <= 100.0 + 1e-3  # clamped to ln 100 after each step
 
 
+def test_logged_loss_of_an_accumulated_step_is_the_mean_of_its_micro_batches(data, tmp_path):
+    """With the weights held (lr 0), each step of 2 accumulated micro-batches logs the mean of the losses that two
+    plain steps over the same batches (same order, same sampled negatives) log."""
+    run([sys.executable] + train_args(data, tmp_path / "plain", "--lr", "0", "--max-steps", "4"))
+    run([sys.executable] + train_args(data, tmp_path / "accumulated", "--lr", "0", "--max-steps", "2", "--gradient-accumulation-steps", "2"))
+    plain, accumulated = losses(tmp_path / "plain"), losses(tmp_path / "accumulated")
+    assert len(plain) == 4 and len(accumulated) == 2 and plain[0] != plain[1]
+    expected = [(plain[0] + plain[1]) / 2, (plain[2] + plain[3]) / 2]
+    assert accumulated == pytest.approx(expected, rel=1e-6)
+
+
 def test_ddp_on_cpu_really_uses_two_processes(data, tmp_path):
     launch("ddp_cpu.yaml", train_args(data, tmp_path / "ddp", "--max-steps", "2", *eval_args(data, 5)))
     result = summary(tmp_path / "ddp")

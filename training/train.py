@@ -618,11 +618,11 @@ def train(config: TrainConfig) -> dict:
             for _ in range(step_in_epoch * config.gradient_accumulation_steps):
                 next(batches)  # same data order as an uninterrupted run
             wait_start = time.perf_counter()
-            batches_seen = 0
+            batches_seen, step_start, data_wait, micro_losses = 0, None, 0.0, []
             for batch in batches:
                 batches_seen += 1
-                data_wait = time.perf_counter() - wait_start
-                step_start = time.perf_counter()
+                data_wait += time.perf_counter() - wait_start
+                step_start = step_start or wait_start  # the step's first micro-batch began waiting for its data
                 lr = learning_rate(step, config.lr, config.warmup_steps, schedule_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -636,6 +636,7 @@ def train(config: TrainConfig) -> dict:
                         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
                     optimizer.step()
                     optimizer.zero_grad()
+                micro_losses.append(output.loss.detach())
                 if not accelerator.sync_gradients:
                     wait_start = time.perf_counter()
                     continue
@@ -643,10 +644,11 @@ def train(config: TrainConfig) -> dict:
                     unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
                 step, step_in_epoch = step + 1, step_in_epoch + 1
                 counts = stream.stats.as_dict()  # this rank's workers, since this process started
-                summed = accelerator.reduce(torch.tensor([output.loss.item(), *counts.values()], dtype=torch.float64, device=accelerator.device), "sum")
+                step_loss = torch.stack(micro_losses).mean().item()  # over the step's micro-batches
+                summed = accelerator.reduce(torch.tensor([step_loss, *counts.values()], dtype=torch.float64, device=accelerator.device), "sum")
                 loss = summed[0].item() / world_size
                 data_stats = {key: stats_base[key] + round(value) for key, value in zip(counts, summed[1:].tolist())}
-                samples_per_second = config.batch_size / max(time.perf_counter() - step_start + data_wait, 1e-9)
+                samples_per_second = config.batch_size * len(micro_losses) / max(time.perf_counter() - step_start, 1e-9)
                 metrics = {
                     "loss": loss, "lr": lr,
                     "logit_scale": unwrapped.logit_scale.detach().float().exp().mean().item(),
@@ -654,6 +656,7 @@ def train(config: TrainConfig) -> dict:
                     "samples_per_second": samples_per_second * world_size, "samples_per_second_per_device": samples_per_second,
                     "data_wait_seconds": data_wait, **data_stats,
                 }  # fmt: skip
+                step_start, data_wait, micro_losses = None, 0.0, []
                 if accelerator.is_main_process:
                     with losses_path.open("a") as handle:
                         handle.write(json.dumps({"step": step, **metrics}) + "\n")
