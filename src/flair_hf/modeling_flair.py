@@ -418,11 +418,12 @@ class FlairTextModel(FlairPreTrainedModel):
         A padding mask that keeps every position up to each end-of-text token cannot change the result, so it is
         dropped (the kernels then take the causal flag alone). When torch.distributed is initialised, exactly
         `config.length_groups` tower calls run (some may be empty), whatever `T` and the lengths, so ranks of a
-        sharded (FSDP) run issue the same collectives. Traced or compiled, the full-length pass runs instead, so that
-        no example's lengths are baked into the graph."""
+        sharded (FSDP) run issue the same collectives. Traced or compiled, one call over every position runs instead
+        (the last layer still at the end-of-text tokens, found in the graph), so that no example's lengths are baked
+        into the graph."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if torch.jit.is_tracing() or torch.compiler.is_compiling() or (input_ids.shape[0] == 0 and not distributed):
-            return self(input_ids, attention_mask, return_dict=True).pooler_output
+            return self._pooled_at_end_of_text(input_ids, attention_mask)
         ends = input_ids.argmax(dim=-1)
         if attention_mask is not None:
             reaching = torch.arange(input_ids.shape[1], device=ends.device)[None] <= ends[:, None]
