@@ -16,6 +16,7 @@ import argparse
 import importlib.metadata
 import inspect
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -48,7 +49,8 @@ def runtime_only_path(directory: Path) -> Path:
     import flair_hf
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "flair_hf").symlink_to(Path(flair_hf.__file__).parent)
+    if not (directory / "flair_hf").exists():  # made once, reused
+        (directory / "flair_hf").symlink_to(Path(flair_hf.__file__).parent)
     for name in RUNTIME_DISTRIBUTIONS:
         distribution = importlib.metadata.distribution(name)
         tops = {Path(str(file)).parts[0] for file in distribution.files or [] if not str(file).startswith("..")}
@@ -59,10 +61,13 @@ def runtime_only_path(directory: Path) -> Path:
     return directory
 
 
-def runtime_only_command(site: Path, code: str, *args: str) -> list[str]:
-    """`python -S -c code args` seeing only `flair_hf` and the runtime's distributions (linked into `site`)."""
+def run_runtime_only(site: Path, code: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -S -c code args` seeing only `flair_hf` and the runtime's distributions (linked into `site`, the
+    interpreter's PYTHONPATH); output captured as text."""
     runtime_only_path(site)
-    return [sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(site)!r})\n{code}", *args]
+    environment = {**os.environ, "PYTHONPATH": str(site)}
+    command = [sys.executable, "-S", "-c", code, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
 
 
 def load_backends(model_dir: Path, exports: dict[str, Path]) -> dict:
@@ -145,10 +150,11 @@ def probe_peak_memory(backend: str, directory: Path, inputs_path: Path) -> float
     """Peak RSS (MiB) of a fresh process that loads `backend` and runs each workload once."""
     code = "import sys; from flair_hf_benchmarks.benchmark_onnx import probe; probe(sys.argv[1], sys.argv[2])"
     with tempfile.TemporaryDirectory(prefix="flair-onnx-site-") as site:
-        command = [sys.executable, "-c", code, str(directory), str(inputs_path)]
-        if backend != "pytorch":  # the deployment: flair_hf.onnx and its runtime only
-            command = runtime_only_command(Path(site), RUNTIME_PROBE, str(directory), str(inputs_path))
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if backend == "pytorch":
+            command = [sys.executable, "-c", code, str(directory), str(inputs_path)]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        else:  # the deployment: flair_hf.onnx and its runtime only
+            result = run_runtime_only(Path(site), RUNTIME_PROBE, str(directory), str(inputs_path))
     if result.returncode:
         raise RuntimeError(f"the {backend} memory probe failed:\n{result.stderr[-2000:]}")
     return float(result.stdout.strip().splitlines()[-1])

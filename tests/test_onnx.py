@@ -19,7 +19,7 @@ import torch
 from conftest import FIXTURES, ROOT
 from readme_blocks import readme_python_block
 from flair_hf.onnx import FlairOnnxModel
-from flair_hf_benchmarks.benchmark_onnx import runtime_only_command
+from flair_hf_benchmarks.benchmark_onnx import run_runtime_only
 from flair_hf_conversion import export_onnx
 
 IMAGES = sorted(str(p) for p in (FIXTURES / "images").iterdir())
@@ -92,10 +92,9 @@ from flair_hf.onnx import FlairOnnxModel
 scores = FlairOnnxModel.from_pretrained(sys.argv[1]).score(json.loads(sys.argv[2]), json.loads(sys.argv[3]))
 print(json.dumps({"logits": scores["logits"].tolist(), "imported": [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]}))
 """
-    command = runtime_only_command(tmp_path / "site", code, str(tiny_onnx), json.dumps(IMAGES), json.dumps(TEXTS))
-    result = subprocess.run([*command[:2], "-c", "import torch"], capture_output=True, text=True)
+    result = run_runtime_only(tmp_path / "site", "import torch", timeout=60)
     assert result.returncode and "No module named 'torch'" in result.stderr  # the interpreter has no torch at all
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run_runtime_only(tmp_path / "site", code, str(tiny_onnx), json.dumps(IMAGES), json.dumps(TEXTS), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     output = json.loads(result.stdout)
     assert output["imported"] == []
