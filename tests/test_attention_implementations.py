@@ -85,7 +85,7 @@ def _tensor(output):
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2"])
+@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flex_attention"])
 def test_every_attention_implementation_equals_eager_with_a_padding_mask(tiny_dir, processed, implementation, emulated_flash):
     from flair_hf import FlairModel
 

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -205,7 +206,7 @@ class FlairAttention(nn.Module):
             scaling=self.scale,
             dropout=self.dropout if self.training else 0.0,
             # a 4-D mask already holds the causal part; flash kernels take a 2-D padding mask and the causal flag
-            is_causal=self.is_causal and (attention_mask is None or attention_mask.dim() == 2),
+            is_causal=self.is_causal and (attention_mask is None or getattr(attention_mask, "ndim", None) == 2),
         )
         return self.out_proj(attn_output.reshape(*query_states.shape[:-1], -1).contiguous()), attn_weights
 
@@ -267,15 +268,18 @@ def _output_flags(config, kwargs: dict) -> dict:
     return {name: kwargs.get(name, getattr(config, name, False)) for name in ("output_hidden_states", "output_attentions")}
 
 
-def _causal_attention_mask(implementation: str, attention_mask: torch.Tensor | None, hidden_states: torch.Tensor):
-    """The mask the text attention needs: `None` where the kernel's own causal flag suffices, else additive 4-D.
+def _causal_attention_mask(config, implementation: str, attention_mask: torch.Tensor | None, hidden_states: torch.Tensor):
+    """The mask the text attention needs: `None` where the kernel's own causal flag suffices (sdpa without padding,
+    flash kernels), transformers' `BlockMask` for flex_attention, else additive 4-D (eager, other registered functions).
 
     FLAIR (like CLIP) pools at the end-of-text token, which under the causal mask never sees padding, so
     `attention_mask` only changes the (unused) states of padding positions.
     """
     if implementation.startswith("flash_attention"):
         return attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-    if attention_mask is None and implementation != "eager":
+    if implementation == "flex_attention":
+        return create_causal_mask(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask, cache=None)
+    if attention_mask is None and implementation == "sdpa":
         return None
     batch_size, seq_length = hidden_states.shape[:2]
     min_value = torch.finfo(hidden_states.dtype).min
@@ -297,6 +301,7 @@ class FlairPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["FlairTextEmbeddings", "FlairEncoderLayer", "FlairVisionEmbeddings", "FlairTextConditionedPooling"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": FlairEncoderLayer, "attentions": FlairAttention}
 
@@ -404,7 +409,7 @@ class FlairTextModel(FlairPreTrainedModel):
         hidden_states = self.embeddings(input_ids)
         output_attentions = bool(_output_flags(self.config, kwargs)["output_attentions"])
         implementation = "eager" if output_attentions else self.config._attn_implementation  # as FlairAttention runs
-        mask = _causal_attention_mask(implementation, attention_mask, hidden_states)
+        mask = _causal_attention_mask(self.config, implementation, attention_mask, hidden_states)
         last_hidden_state = self.final_layer_norm(self.encoder(hidden_states, mask, output_attentions))
         end_of_text = input_ids.to(device=last_hidden_state.device).argmax(dim=-1)
         pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=end_of_text.device), end_of_text]
@@ -451,10 +456,10 @@ class FlairTextModel(FlairPreTrainedModel):
         hidden_states = self.embeddings(input_ids)
         ends = input_ids.argmax(dim=-1).to(hidden_states.device)
         *layers, last = self.encoder.layers
-        mask = _causal_attention_mask(self.config._attn_implementation, attention_mask, hidden_states)
+        mask = _causal_attention_mask(self.config, self.config._attn_implementation, attention_mask, hidden_states)
         for layer in layers:
             hidden_states = layer(hidden_states, mask)
-        rows = _causal_attention_mask("eager", attention_mask, hidden_states)[torch.arange(len(ends)), :, ends][:, :, None]
+        rows = _causal_attention_mask(self.config, "eager", attention_mask, hidden_states)[torch.arange(len(ends)), :, ends][:, :, None]
         return self.final_layer_norm(last(hidden_states, rows, query_positions=ends)[:, 0])
 
 
