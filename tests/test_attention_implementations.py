@@ -95,3 +95,24 @@ def test_every_attention_implementation_equals_eager_with_a_padding_mask(tiny_di
         other = use_attention(model, implementation)(**processed)
     for name in ("logits_per_image", "logits_per_image_as_clip", "text_embeds", "text_conditioned_image_embeds"):
         torch.testing.assert_close(getattr(other, name), getattr(eager, name), atol=2e-5, rtol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
+def test_text_tower_states_with_a_hole_in_the_padding_mask_equal_eager(tiny_dir, processed, implementation):
+    """The full text tower (hidden states asked for) under a padding mask with a hole before the end-of-text token:
+    every state that the mask keeps, and the pooled output, equal eager's (flex gets transformers' BlockMask)."""
+    from flair_hf import FlairModel
+
+    model = FlairModel.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    ids, mask = processed["input_ids"], processed["attention_mask"].clone()
+    mask[1, 3] = 0
+    kept = mask.bool()  # a masked position's own state depends on how its query row is treated; no kept one does
+    with torch.no_grad():
+        eager = model.text_model(ids, mask, output_hidden_states=True)
+        other = use_attention(model, implementation).text_model(ids, mask, output_hidden_states=True)
+    torch.testing.assert_close(other.pooler_output, eager.pooler_output, atol=2e-5, rtol=2e-5)
+    assert len(other.hidden_states) == len(eager.hidden_states) == model.config.text_config.num_hidden_layers + 1
+    for layer, (ours, reference) in enumerate(zip(other.hidden_states, eager.hidden_states)):
+        torch.testing.assert_close(ours[kept], reference[kept], atol=2e-5, rtol=2e-5, msg=f"hidden state {layer}")
+    with torch.no_grad():
+        assert (model.text_model(ids, processed["attention_mask"]).pooler_output - other.pooler_output)[1].abs().max() > 1e-4

@@ -129,7 +129,8 @@ def test_groups_of_equal_length_run_as_one_call(tiny_dir):
 
 
 def test_traced_or_exported_text_features_do_not_bake_in_example_lengths(tiny_model):
-    """Tracing or exporting runs the full-length pass: a graph made on short captions stays right on long ones."""
+    """Tracing or exporting runs one call over every position: a graph made on 4 short captions stays right on 6
+    long ones."""
 
     class TextFeatures(torch.nn.Module):
         def __init__(self, model):
@@ -141,12 +142,18 @@ def test_traced_or_exported_text_features_do_not_bake_in_example_lengths(tiny_mo
 
     wrapper = TextFeatures(tiny_model).eval()
     generator = torch.Generator().manual_seed(0)
-    short, long = ids_ending_at([3, 5, 4, 6], generator), ids_ending_at([40, 70, 12, 76], generator)
+    short, long = ids_ending_at([3, 5, 4, 6], generator), ids_ending_at([40, 70, 12, 76, 9, 33], generator)  # other batch size too
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, short, check_trace=False)
-        exported = torch.export.export(wrapper, (short,)).module()
+        exported = torch.export.export(wrapper, (short,), dynamic_shapes=({0: torch.export.Dim("texts")},)).module()
         for graph in (traced, exported):
             torch.testing.assert_close(graph(long), tiny_model.get_text_embeds(long), atol=1e-5, rtol=1e-5)
+
+
+def test_no_texts_give_no_text_embeddings(tiny_model):
+    with torch.no_grad():
+        embeds = tiny_model.get_text_embeds(torch.zeros(0, 77, dtype=torch.long))
+    assert embeds.shape == (0, tiny_model.config.projection_dim)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

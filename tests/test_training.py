@@ -262,8 +262,9 @@ def test_resume_keeps_the_schedule_and_says_when_finished(data, tmp_path):
                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert longer.returncode != 0
     assert "the checkpoint's LR schedule ends at step 2 but --max-steps / --epochs now give 4 steps" in longer.stderr
-    rebuilt = run([sys.executable] + train_args(data, output, "--max-steps", "4", "--resume", "latest", "--reset-schedule", "true"))
+    rebuilt = run([sys.executable] + train_args(data, output, "--max-steps", "4", "--resume", "latest", "--reset-schedule", "true", "--fused-adamw", "false"))
     assert "LR schedule rebuilt for 4 steps (was 2)" in rebuilt.stdout
+    assert "AdamW keeps the checkpoint's kernel (fused: true), so the run continues as it began" in rebuilt.stdout
     assert summary(output)["steps"] == 4 and len(losses(output)) == 4
 
 

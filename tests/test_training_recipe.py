@@ -161,11 +161,13 @@ def test_resumed_logs_keep_each_step_once_and_drop_a_torn_line(tmp_path):
     assert not (tmp_path / "checkpoints" / "step_4").exists()  # an abandoned continuation
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_adamw_kernel_choice_gives_the_per_tensor_loops_update(fused):
-    """`--fused-adamw` picks the kernel only: three steps equal torch's reference loop (foreach=False, the original's
-    call on CPU) to a few float32 ulps."""
-    config = train.load_config(["--config", TINY, "--fused-adamw", str(fused).lower(), "--lr", "1e-3"])
+def test_fused_adamw_gives_the_per_tensor_loops_update():
+    """`--fused-adamw` (default true) picks torch's fused kernel, `false` torch's default (the original's call, a
+    per-tensor loop on CPU); three fused steps equal the loop's (foreach=False) to a few float32 ulps."""
+    plain = train.load_config(["--config", TINY, "--fused-adamw", "false"])
+    unfused = train.build_optimizer(train.build_model(plain), plain)
+    assert not unfused.defaults["fused"] and not unfused.defaults["foreach"]
+    config = train.load_config(["--config", TINY, "--lr", "1e-3"])
     model = train.build_model(config)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     reference = train.build_model(config)
@@ -175,7 +177,7 @@ def test_adamw_kernel_choice_gives_the_per_tensor_loops_update(fused):
         train.parameter_groups(reference, config.weight_decay), lr=1e-3, betas=(config.beta1, config.beta2),
         eps=config.eps, foreach=False,
     )  # fmt: skip
-    assert bool(optimizer.defaults["fused"]) is fused
+    assert optimizer.defaults["fused"] is True
     for step in range(3):
         generator = torch.Generator().manual_seed(step)
         for p, q in zip(model.parameters(), reference.parameters()):

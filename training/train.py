@@ -74,7 +74,7 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.98, "AdamW beta2")
     eps: float = option(1e-8, "AdamW epsilon")
-    fused_adamw: bool = option(True, "AdamW's fused kernel (one pass over all tensors, about 6x faster on CPU); false: torch's default, as the original")
+    fused_adamw: bool = option(True, "AdamW's fused kernel (one pass over all tensors, about 6x faster on CPU); false: torch's default, as the original; a resumed run keeps its checkpoint's")
     grad_clip_norm: float | None = option(None, "clip the gradients' global norm to this value (none: no clipping, as the paper runs)")
     mixed_precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), no, bf16 or fp16 (with loss scaling, as the original's amp)")
     tf32: bool = option(True, "allow TF32 matmuls and convolutions on GPU (the original enables them)")
@@ -602,6 +602,9 @@ def train(config: TrainConfig) -> dict:
         accelerator.load_state(str(checkpoint))
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         accelerator.print(f"resumed from {checkpoint} at step {step} (epoch {epoch}, batch {step_in_epoch})")
+        fused = bool(optimizer.param_groups[0].get("fused"))  # load_state restores the checkpoint's groups
+        if fused != config.fused_adamw:
+            accelerator.print(f"AdamW keeps the checkpoint's kernel (fused: {str(fused).lower()}), so the run continues as it began")
         if step >= total_steps:
             accelerator.print(f"this run is already finished ({step} of {total_steps} steps): nothing to train")
 
@@ -610,6 +613,7 @@ def train(config: TrainConfig) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     model.train()
     eval_metrics, last_eval_step, data_stats = {}, (state or {}).get("last_eval_step"), dict(stats_base)
+    step_start, data_wait, micro_losses = None, 0.0, []  # of the step being accumulated (it may span epochs)
     with tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="training") as progress:
         while step < total_steps:
             stats_at_epoch_start = dict(data_stats)
@@ -618,7 +622,7 @@ def train(config: TrainConfig) -> dict:
             for _ in range(step_in_epoch * config.gradient_accumulation_steps):
                 next(batches)  # same data order as an uninterrupted run
             wait_start = time.perf_counter()
-            batches_seen, step_start, data_wait, micro_losses = 0, None, 0.0, []
+            batches_seen = 0
             for batch in batches:
                 batches_seen += 1
                 data_wait += time.perf_counter() - wait_start

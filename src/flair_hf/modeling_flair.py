@@ -193,9 +193,9 @@ class FlairAttention(nn.Module):
             query_states = hidden_states[torch.arange(batch_size, device=hidden_states.device), query_positions][:, None]
         else:
             query_states = hidden_states
-        queries = self.q_proj(query_states).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = self.k_proj(hidden_states).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        values = self.v_proj(hidden_states).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        queries = self.q_proj(query_states).view(*query_states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
+        keys = self.k_proj(hidden_states).view(*hidden_states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
+        values = self.v_proj(hidden_states).view(*hidden_states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
         attention = _attention_interface(self.config, output_attentions or query_positions is not None)
         attn_output, attn_weights = attention(
             self,
@@ -427,8 +427,10 @@ class FlairTextModel(FlairPreTrainedModel):
         (the last layer still at the end-of-text tokens, found in the graph), so that no example's lengths are baked
         into the graph."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if torch.jit.is_tracing() or torch.compiler.is_compiling() or (input_ids.shape[0] == 0 and not distributed):
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self._pooled_at_end_of_text(input_ids, attention_mask)
+        if input_ids.shape[0] == 0 and not distributed:
+            return self.final_layer_norm.weight.new_zeros(0, self.config.hidden_size)
         ends = input_ids.argmax(dim=-1)
         if attention_mask is not None:
             reaching = torch.arange(input_ids.shape[1], device=ends.device)[None] <= ends[:, None]
@@ -452,14 +454,16 @@ class FlairTextModel(FlairPreTrainedModel):
 
     def _pooled_at_end_of_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`pooler_output` of one call: every layer but the last over all positions, the last at the end-of-text
-        tokens only (no other position of it reaches the pooled state), under the rows of the causal mask there."""
+        tokens only (no other position of it reaches the pooled state), under the rows of the causal mask there.
+        It calls the embeddings and each encoder layer (not `forward`): hooks and FSDP wrapping belong on those."""
         hidden_states = self.embeddings(input_ids)
         ends = input_ids.argmax(dim=-1).to(hidden_states.device)
         *layers, last = self.encoder.layers
         mask = _causal_attention_mask(self.config, self.config._attn_implementation, attention_mask, hidden_states)
         for layer in layers:
             hidden_states = layer(hidden_states, mask)
-        rows = _causal_attention_mask(self.config, "eager", attention_mask, hidden_states)[torch.arange(len(ends)), :, ends][:, :, None]
+        rows = _causal_attention_mask(self.config, "eager", attention_mask, hidden_states)
+        rows = rows[torch.arange(ends.shape[0], device=ends.device), :, ends][:, :, None]
         return self.final_layer_norm(last(hidden_states, rows, query_positions=ends)[:, 0])
 
 
