@@ -15,6 +15,7 @@ the evaluation; the encoder layers gather theirs in their forward).
 
 import contextlib
 import functools
+import math
 import os
 import time
 from pathlib import Path
@@ -102,6 +103,15 @@ def shard_range(count: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
+def batch_ranges(shard: range, batch_size: int, count: int, world_size: int) -> list[tuple[range, bool]]:
+    """`shard` in batches of `batch_size` (flagged `True`), then one-item stand-ins (`False`: run, output dropped) up
+    to the batch count of the largest of `world_size` shards of `count` items, so that every rank makes as many model
+    calls as the others (under FSDP each call gathers the layers' weights from every rank)."""
+    batches = [(range(start, min(start + batch_size, shard.stop)), True) for start in range(shard.start, shard.stop, batch_size)]
+    most = math.ceil(math.ceil(count / world_size) / batch_size)
+    return batches + [(range(0, 1), False)] * (most - len(batches))
+
+
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's rows (in rank order; row counts may differ) on every rank; CPU float32 out."""
     import torch.distributed as dist
@@ -145,7 +155,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def encode_features(model, processor, dataset, captions, batch_size=64, device=None, autocast_dtype=None, progress=True) -> dict:
     """All captions' global embeddings; this rank's image shard's global embeddings and patch tokens (float32, CPU).
 
-    The image shard is `shard_range(len(dataset), rank, world_size)`.
+    The image shard is `shard_range(len(dataset), rank, world_size)`; every rank makes the same number of tower calls
+    (`batch_ranges`), as FSDP needs.
     """
     device = torch.device(device) if device is not None else model.device
     rank, world_size = _world()
@@ -153,14 +164,18 @@ def encode_features(model, processor, dataset, captions, batch_size=64, device=N
     show = progress and rank == 0
     text_embeds, image_embeds, image_tokens = [], [], []
     with _autocast(device, autocast_dtype):
-        for start in tqdm(range(texts.start, texts.stop, batch_size), desc="encoding texts", unit="batch", disable=not show):
-            ids = processor(text=captions[start : min(start + batch_size, texts.stop)])["input_ids"].to(device)
-            text_embeds.append(model.get_text_embeds(ids).float().cpu())
-        for start in tqdm(range(images.start, images.stop, batch_size), desc="encoding images", unit="batch", disable=not show):
-            pixels = processor(images=dataset[start : min(start + batch_size, images.stop)]["image"])["pixel_values"]
+        text_batches = batch_ranges(texts, batch_size, len(captions), world_size)
+        for batch, keep in tqdm(text_batches, desc="encoding texts", unit="batch", disable=not show):
+            embeds = model.get_text_embeds(processor(text=captions[batch.start : batch.stop])["input_ids"].to(device))
+            if keep:
+                text_embeds.append(embeds.float().cpu())
+        image_batches = batch_ranges(images, batch_size, len(dataset), world_size)
+        for batch, keep in tqdm(image_batches, desc="encoding images", unit="batch", disable=not show):
+            pixels = processor(images=dataset[batch.start : batch.stop]["image"])["pixel_values"]
             embeds, tokens = model.get_image_and_token_features(pixels.to(device))
-            image_embeds.append(embeds.float().cpu())
-            image_tokens.append(tokens.float().cpu())
+            if keep:
+                image_embeds.append(embeds.float().cpu())
+                image_tokens.append(tokens.float().cpu())
     dim = model.config.projection_dim
     return {
         "text_embeds": gather_rows(torch.cat(text_embeds) if text_embeds else torch.zeros(0, dim)),
