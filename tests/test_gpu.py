@@ -29,7 +29,8 @@ def test_reference_parity_on_cuda(tiny_dir, tiny_reference, no_tf32):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_attention_implementations_agree_in_half_precision(tiny_dir, tiny_reference, dtype):
-    implementations = ["eager", "sdpa", "flex_attention"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+    implementations = ["eager", "sdpa", "flex_attention"]
+    implementations += ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []
     ids, pixels = tiny_reference["input_ids"].long().cuda(), tiny_reference["pixel_values"].cuda().to(dtype)
     logits = {}
     for implementation in implementations:
