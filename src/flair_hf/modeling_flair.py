@@ -162,6 +162,11 @@ class FlairTextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding(self.position_ids[:, :seq_length])
 
 
+def _at_positions(states: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
+    """`states[b, positions[b]]` for every sequence `b`: `(batch, ...)` (traceable: no Python batch size)."""
+    return states[torch.arange(states.shape[0], device=states.device), positions]
+
+
 class FlairAttention(nn.Module):
     """Multi-head self-attention of the towers (CLIP layout: separate q/k/v/out projections)."""
 
@@ -188,11 +193,7 @@ class FlairAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Self-attention over `hidden_states`; with `query_positions` (one per sequence) only those positions query
         (output `(batch, 1, width)`), in eager attention under `attention_mask`'s matching rows `(batch, 1, 1, keys)`."""
-        batch_size = hidden_states.shape[0]
-        if query_positions is not None:
-            query_states = hidden_states[torch.arange(batch_size, device=hidden_states.device), query_positions][:, None]
-        else:
-            query_states = hidden_states
+        query_states = hidden_states if query_positions is None else _at_positions(hidden_states, query_positions)[:, None]
         queries = self.q_proj(query_states).view(*query_states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
         keys = self.k_proj(hidden_states).view(*hidden_states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
         values = self.v_proj(hidden_states).view(*hidden_states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
@@ -239,9 +240,7 @@ class FlairEncoderLayer(GradientCheckpointingLayer):
         query_positions: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """The pre-LayerNorm block; with `query_positions`, only those positions' outputs `(batch, 1, width)`."""
-        residual = hidden_states
-        if query_positions is not None:
-            residual = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), query_positions][:, None]
+        residual = hidden_states if query_positions is None else _at_positions(hidden_states, query_positions)[:, None]
         attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, output_attentions, query_positions)[0]
         hidden_states = residual + attended
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
@@ -412,13 +411,13 @@ class FlairTextModel(FlairPreTrainedModel):
         mask = _causal_attention_mask(self.config, implementation, attention_mask, hidden_states)
         last_hidden_state = self.final_layer_norm(self.encoder(hidden_states, mask, output_attentions))
         end_of_text = input_ids.to(device=last_hidden_state.device).argmax(dim=-1)
-        pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=end_of_text.device), end_of_text]
+        pooled_output = _at_positions(last_hidden_state, end_of_text)
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
 
     def pooled_output(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`pooler_output` alone, each text computed only up to its end-of-text token (all that reaches it under the
-        causal mask), the last layer at that token only: texts sorted by length into `min(config.length_groups, T)` groups, each cut at its longest
-        (neighbouring groups with the same cut run as one call).
+        causal mask), the last layer at that token only: texts sorted by length into `min(config.length_groups, T)`
+        groups, each cut at its longest (neighbouring groups with the same cut run as one call).
 
         A padding mask that keeps every position up to each end-of-text token cannot change the result, so it is
         dropped (the kernels then take the causal flag alone). When torch.distributed is initialised, exactly
@@ -451,7 +450,6 @@ class FlairTextModel(FlairPreTrainedModel):
             return self.final_layer_norm.weight.new_zeros(0, self.config.hidden_size)
         return torch.cat(pooled)[order.argsort()]
 
-
     def _pooled_at_end_of_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`pooler_output` of one call: every layer but the last over all positions, the last at the end-of-text
         tokens only (no other position of it reaches the pooled state), under the rows of the causal mask there.
@@ -462,8 +460,8 @@ class FlairTextModel(FlairPreTrainedModel):
         mask = _causal_attention_mask(self.config, self.config._attn_implementation, attention_mask, hidden_states)
         for layer in layers:
             hidden_states = layer(hidden_states, mask)
-        rows = _causal_attention_mask(self.config, "eager", attention_mask, hidden_states)
-        rows = rows[torch.arange(ends.shape[0], device=ends.device), :, ends][:, :, None]
+        rows = _at_positions(_causal_attention_mask(self.config, "eager", attention_mask, hidden_states)[:, 0], ends)
+        rows = rows[:, None, None]  # (batch, 1, 1, keys): the causal mask's row at each end-of-text token
         return self.final_layer_norm(last(hidden_states, rows, query_positions=ends)[:, 0])
 
 
