@@ -32,7 +32,7 @@ from torch import nn
 
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.modeling_flair import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, flair_cosine
-from flair_hf.onnx import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, FlairOnnxModel, ids_up_to_end_of_text
+from flair_hf.onnx import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, TEXT_LENGTH_GROUPS, FlairOnnxModel, ids_up_to_end_of_text
 from flair_hf_conversion.convert_flair_to_hf import ConversionError, check_output_dir, local_revision, staged_output_dir
 
 OPSET = 18
@@ -212,7 +212,7 @@ def manifest(model: FlairModel, model_dir: Path, quantize: str | None, fp32: dic
         "image_size": config.vision_config.image_size,
         "patch_size": config.vision_config.patch_size,
         "max_text_length": config.text_config.max_position_embeddings,
-        "length_groups": config.text_config.length_groups,
+        "length_groups": TEXT_LENGTH_GROUPS,
         "pair_chunk_sizes": [PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE],
         "source": {"model": model_dir.resolve().name if model_dir.is_dir() else str(model_dir), "revision": getattr(config, "_commit_hash", None) or local_revision(model_dir)},
         "fp32_vs_pytorch": fp32,

@@ -47,10 +47,8 @@ def test_inference_benchmark_compares_model_call_with_the_original_get_logits(tm
         assert low <= row["mean_caption_tokens"] <= high
         assert row["max_logit_difference"] <= 1e-5
         assert row["speed_ours_over_original"] == row["seconds"]["original"] / row["seconds"]["ours"]
-    full = report["inference"]["full"]["flop_bound"]
-    assert full["exact_cut"] == full["length_groups"] > 1.0  # the last text layer at the end-of-text token only
-    flair = report["inference"]["flair"]["flop_bound"]
-    assert full["exact_cut"] < flair["length_groups"] <= flair["exact_cut"]
+    # the last text layer at the end-of-text token only; FLAIR's shorter captions also drop the positions after it
+    assert 1.0 < report["inference"]["full"]["flop_bound"] < report["inference"]["flair"]["flop_bound"]
 
 
 def test_the_flop_model_of_the_inference_bound_counts_what_the_towers_compute():

@@ -81,20 +81,32 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_dir, inputs):
         torch.testing.assert_close(gradients[0][name], gradients[1][name], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
-    """`get_text_embeds` runs texts sorted into length groups cut after their end-of-text token; the embeddings,
-    their gradients and a padding mask's effect equal the full 77-token pass."""
-    model = FlairModel.from_pretrained(tiny_dir, text_config={"length_groups": groups}).train()
+def layer_input_shapes(model, ids, attention_mask=None) -> tuple[torch.Tensor, list, list]:
+    """`get_text_embeds(ids)` and the input shapes of the text tower's first and last layers."""
+    first, last = [], []
+    layers = model.text_model.encoder.layers
+    hooks = [layers[0].register_forward_hook(lambda module, args, output: first.append(tuple(args[0].shape))),
+             layers[-1].register_forward_hook(lambda module, args, output: last.append(tuple(output.shape[:2])))]  # fmt: skip
+    try:
+        embeds = model.get_text_embeds(ids, attention_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return embeds, first, last
+
+
+def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir):
+    """`get_text_embeds` runs one call cut at the longest text, every layer but the last on the positions up to each
+    end-of-text token alone (packed rows), the last at the end-of-text tokens; the embeddings, their gradients and a
+    padding mask's effect equal the full 77-token pass."""
+    model = FlairModel.from_pretrained(tiny_dir).train()
     generator = torch.Generator().manual_seed(0)
-    ends = [5, 70, 12, 76, 30, 3, 45, 9, 20, 60, 1]
+    ends = [5, 70, 12, 74, 30, 3, 45, 9, 20, 60, 1]
     ids = ids_ending_at(ends, generator)
     mask = (ids != 0).long()
-    calls = []
-    hook = model.text_model.embeddings.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
-    fast = model.get_text_embeds(ids, mask)
-    hook.remove()
-    assert len(calls) == groups and max(shape[1] for shape in calls) == 77 and sum(s[0] for s in calls) == len(ends)
+    fast, first, last = layer_input_shapes(model, ids, mask)
+    assert first == [(sum(ends) + len(ends), model.config.text_config.hidden_size)]  # the kept positions alone
+    assert last == [(len(ends), 1)]  # the last layer at the end-of-text tokens only
     full = model.text_projection(model.text_model(ids, mask).pooler_output)
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-5)
     weights = torch.randn(fast.shape, generator=generator)
@@ -104,28 +116,21 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir, groups):
     holed[1, 10] = holed[3, 2] = 0  # masked positions before the end-of-text token do change the embedding
     with torch.no_grad():
         full = model.text_projection(model.text_model(ids, holed).pooler_output)
-        torch.testing.assert_close(model.get_text_embeds(ids, holed), full, atol=1e-6, rtol=1e-5)
+        masked, first, _ = layer_input_shapes(model, ids, holed)
+        assert first == [(len(ends), 75, model.config.text_config.hidden_size)]  # padded under the mask, cut at 75
+        torch.testing.assert_close(masked, full, atol=1e-6, rtol=1e-5)
         assert (model.get_text_embeds(ids) - full)[[1, 3]].abs().max() > 1e-3
 
 
-def test_groups_of_equal_length_run_as_one_call(tiny_dir):
-    """Captions all of the same length (77 tokens, the worst case) run in one tower call, not one per group, and the
-    last layer computes the end-of-text token alone."""
-    model = FlairModel.from_pretrained(tiny_dir, text_config={"length_groups": 4}).eval()
-    ids = ids_ending_at([76] * 6 + [20, 20], torch.Generator().manual_seed(0))
-    calls, last_layer = [], []
-    hooks = [
-        model.text_model.embeddings.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape))),
-        model.text_model.encoder.layers[-1].register_forward_hook(lambda module, args, output: last_layer.append(output.shape[:2])),
-    ]  # fmt: skip
+def test_captions_of_equal_length_run_unpacked(tiny_dir):
+    """Captions all of the same length (77 tokens, the worst case) drop no position: one padded call, no packing,
+    and the last layer computes the end-of-text tokens alone."""
+    model = FlairModel.from_pretrained(tiny_dir).eval()
+    ids = ids_ending_at([76] * 6, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fast = model.get_text_embeds(ids)
-    for hook in hooks:
-        hook.remove()
-    assert calls == [(2, 21), (6, 77)]  # sorted: the two short ones, then the 77-token ones merged from three groups
-    assert last_layer == [(2, 1), (6, 1)]  # the last layer runs at the end-of-text tokens only
-    with torch.no_grad():
+        fast, first, last = layer_input_shapes(model, ids)
         torch.testing.assert_close(fast, model.text_projection(model.text_model(ids).pooler_output), atol=1e-6, rtol=1e-5)
+    assert first == [(6, 77, model.config.text_config.hidden_size)] and last == [(6, 1)]
 
 
 def test_traced_or_exported_text_features_do_not_bake_in_example_lengths(tiny_model):

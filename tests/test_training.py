@@ -192,14 +192,15 @@ def remote_code_eval_loss(export_dir, batch, tmp_path) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def test_fsdp2_gradients_with_text_length_groups_equal_a_single_process(tmp_path):
-    """The text tower runs once per length group; under FSDP2 (2 gloo ranks, float64, captions of different lengths
-    on each rank) the losses and averaged gradients equal a single process evaluating both ranks' batches."""
-    import fsdp_text_groups_probe as probe
+def test_fsdp2_gradients_with_packed_text_equal_a_single_process(tmp_path):
+    """The text tower runs on packed rows cut at each rank's longest caption; under FSDP2 (2 gloo ranks, float64,
+    captions of different lengths on each rank) the losses and averaged gradients equal a single process evaluating
+    both ranks' batches."""
+    import fsdp_packed_text_probe as probe
 
     output = tmp_path / "fsdp.pt"
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(ROOT / "tests" / "fsdp_text_groups_probe.py"), str(output)], timeout=300)  # fmt: skip
+         str(ROOT / "tests" / "fsdp_packed_text_probe.py"), str(output)], timeout=300)  # fmt: skip
     result = torch.load(output, weights_only=True)
     model = probe.build_model()
     losses = [probe.rank_loss(model, rank) for rank in range(2)]
@@ -209,7 +210,7 @@ def test_fsdp2_gradients_with_text_length_groups_equal_a_single_process(tmp_path
     assert result["gradients"].keys() == expected.keys()
     for name, gradient in expected.items():
         torch.testing.assert_close(result["gradients"][name], gradient, rtol=1e-9, atol=1e-12, msg=name)
-    with torch.no_grad():  # ranks with different numbers of texts (one with fewer than the groups) stay in step
+    with torch.no_grad():  # ranks with different numbers of texts stay in step
         for rank, embeds in enumerate(result["text_embeds"]):
             torch.testing.assert_close(embeds, model(input_ids=probe.texts_for_rank(rank)).text_embeds, rtol=1e-9, atol=1e-12)
 

@@ -16,10 +16,6 @@ class FlairTextConfig(PreTrainedConfig):
     r"""
     Text tower of FLAIR: a causal CLIP text transformer (exact GELU, pre-LayerNorm), pooled at the end-of-text token.
     Defaults are those of the released ViT-B-16-FLAIR models.
-
-    `length_groups` (defaults to 8): embeddings alone (`get_text_embeds`, training) compute each text only up to
-    its end-of-text token, exactly (later positions cannot reach it under the causal mask), in at most this many
-    groups of similar length, each cut at its longest text; 1 cuts the whole batch at its longest text.
     """
 
     model_type = "flair_text_model"
@@ -40,11 +36,8 @@ class FlairTextConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
     bos_token_id: int | None = 49406
     eos_token_id: int | list[int] | None = 49407
-    length_groups: int = 8
 
     def validate_architecture(self):
-        if self.length_groups < 1:
-            raise ValueError(f"length_groups must be at least 1, got {self.length_groups}")
         _check_multiple("text hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
 
 

@@ -167,6 +167,28 @@ def _at_positions(states: torch.Tensor, positions: torch.LongTensor) -> torch.Te
     return states[torch.arange(states.shape[0], device=states.device), positions]
 
 
+class TextPacking:
+    """The positions of a `(batch, length)` text batch up to each end-of-text token, as rows `(tokens, ...)`.
+
+    Packed, a layer's LayerNorms, projections and MLP run on these rows alone; its attention runs on them padded back
+    to `(batch, length, ...)` with zeros after each end-of-text token, which no kept position attends to under the
+    causal mask."""
+
+    def __init__(self, ends: torch.LongTensor, length: int):
+        kept = torch.arange(length, device=ends.device) <= ends[:, None]
+        self.shape = tuple(kept.shape)
+        self.index = kept.flatten().nonzero().squeeze(1)
+
+    def pack(self, states: torch.Tensor) -> torch.Tensor:
+        """`(batch, length, ...)` -> the kept rows `(tokens, ...)`."""
+        return states.flatten(0, 1).index_select(0, self.index)
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """The kept rows `(tokens, ...)` -> `(batch, length, ...)`, zeros elsewhere."""
+        padded = rows.new_zeros(self.shape[0] * self.shape[1], *rows.shape[1:]).index_copy_(0, self.index, rows)
+        return padded.view(*self.shape, *rows.shape[1:])
+
+
 class FlairAttention(nn.Module):
     """Multi-head self-attention of the towers (CLIP layout: separate q/k/v/out projections)."""
 
@@ -190,13 +212,15 @@ class FlairAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         query_positions: torch.LongTensor | None = None,
+        packing: TextPacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Self-attention over `hidden_states`; with `query_positions` (one per sequence) only those positions query
-        (output `(batch, 1, width)`), in eager attention under `attention_mask`'s matching rows `(batch, 1, 1, keys)`."""
+        (output `(batch, 1, width)`), in eager attention under `attention_mask`'s matching rows `(batch, 1, 1, keys)`.
+        With `packing`, `hidden_states` and the output are its rows `(tokens, width)`."""
         query_states = hidden_states if query_positions is None else _at_positions(hidden_states, query_positions)[:, None]
-        queries = self.q_proj(query_states).view(*query_states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
-        keys = self.k_proj(hidden_states).view(*hidden_states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
-        values = self.v_proj(hidden_states).view(*hidden_states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
+        queries = self._heads(self.q_proj(query_states), packing)
+        keys = self._heads(self.k_proj(hidden_states), packing)
+        values = self._heads(self.v_proj(hidden_states), packing)
         attention = _attention_interface(self.config, output_attentions or query_positions is not None)
         attn_output, attn_weights = attention(
             self,
@@ -209,7 +233,13 @@ class FlairAttention(nn.Module):
             # a 4-D mask already holds the causal part; flash kernels take a 2-D padding mask and the causal flag
             is_causal=self.is_causal and (attention_mask is None or getattr(attention_mask, "ndim", None) == 2),
         )
-        return self.out_proj(attn_output.reshape(*query_states.shape[:-1], -1).contiguous()), attn_weights
+        attn_output = attn_output.reshape(queries.shape[0], queries.shape[2], -1)
+        return self.out_proj((attn_output if packing is None else packing.pack(attn_output)).contiguous()), attn_weights
+
+    def _heads(self, projected: torch.Tensor, packing: TextPacking | None) -> torch.Tensor:
+        """`(batch, positions, width)` (or packed rows) -> `(batch, heads, positions, head_dim)`."""
+        states = projected if packing is None else packing.pad(projected)
+        return states.view(*states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
 
 class FlairMLP(nn.Module):
@@ -238,10 +268,12 @@ class FlairEncoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         query_positions: torch.LongTensor | None = None,
+        packing: TextPacking | None = None,
     ) -> torch.Tensor:
-        """The pre-LayerNorm block; with `query_positions`, only those positions' outputs `(batch, 1, width)`."""
+        """The pre-LayerNorm block; with `query_positions`, only those positions' outputs `(batch, 1, width)`; with
+        `packing`, on its rows `(tokens, width)`."""
         residual = hidden_states if query_positions is None else _at_positions(hidden_states, query_positions)[:, None]
-        attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, output_attentions, query_positions)[0]
+        attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, output_attentions, query_positions, packing)[0]
         hidden_states = residual + attended
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
@@ -416,65 +448,50 @@ class FlairTextModel(FlairPreTrainedModel):
 
     def pooled_output(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`pooler_output` alone, each text computed only up to its end-of-text token (all that reaches it under the
-        causal mask), the last layer at that token only: texts sorted by length into `min(config.length_groups, T)`
-        groups, each cut at its longest (neighbouring groups with the same cut run as one call).
+        causal mask), in one call: cut at the longest text, every layer but the last on the positions up to each
+        end-of-text token alone (`TextPacking`, when some position is dropped), the last at those tokens only.
 
         A padding mask that keeps every position up to each end-of-text token cannot change the result, so it is
-        dropped (the kernels then take the causal flag alone). When torch.distributed is initialised, exactly
-        `config.length_groups` tower calls run (some may be empty), whatever `T` and the lengths, so ranks of a
-        sharded (FSDP) run issue the same collectives. Traced or compiled, one call over every position runs instead
-        (the last layer still at the end-of-text tokens, found in the graph), so that no example's lengths are baked
-        into the graph."""
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        dropped (the kernels then take the causal flag alone); one with holes before it runs the padded pass under
+        it. Traced or compiled, the padded pass over every position runs, so that no example's lengths are baked into
+        the graph. With no texts under torch.distributed, a one-token call still runs, so that ranks of a sharded
+        (FSDP) run issue the same collectives."""
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self._pooled_at_end_of_text(input_ids, attention_mask)
-        if input_ids.shape[0] == 0 and not distributed:
+        if input_ids.shape[0] == 0:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                self._pooled_at_end_of_text(input_ids.new_zeros(1, 1))
             return self.final_layer_norm.weight.new_zeros(0, self.config.hidden_size)
         ends = input_ids.argmax(dim=-1)
+        cut = int(ends.max()) + 1
+        input_ids = input_ids[:, :cut]
         if attention_mask is not None:
-            reaching = torch.arange(input_ids.shape[1], device=ends.device)[None] <= ends[:, None]
-            attention_mask = None if bool(attention_mask.to(ends.device).bool()[reaching].all()) else attention_mask
-        order = ends.argsort()
-        groups = order.tensor_split(self.config.length_groups if distributed else min(self.config.length_groups, len(order)))
-        cuts = [int(ends[group].max()) + 1 if len(group) else 0 for group in groups]
-        if not distributed:  # neighbouring groups cut at the same length run as one call
-            groups, cuts = _merge_equal_cuts(groups, cuts)
-        pooled = []
-        for group, cut in zip(groups, cuts):
-            if len(group) == 0:  # a rank with fewer texts than groups: a one-token call, discarded, keeps step
-                self._pooled_at_end_of_text(input_ids.new_zeros(1, 1))
-                continue
-            mask = attention_mask[group, :cut] if attention_mask is not None else None
-            pooled.append(self._pooled_at_end_of_text(input_ids[group, :cut], mask))
-        if not pooled:
-            return self.final_layer_norm.weight.new_zeros(0, self.config.hidden_size)
-        return torch.cat(pooled)[order.argsort()]
+            reaching = torch.arange(cut, device=ends.device) <= ends[:, None]
+            if not bool(attention_mask.to(ends.device)[:, :cut].bool()[reaching].all()):
+                return self._pooled_at_end_of_text(input_ids, attention_mask[:, :cut])
+        return self._pooled_at_end_of_text(input_ids, packed=bool((ends < cut - 1).any()))
 
-    def _pooled_at_end_of_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`pooler_output` of one call: every layer but the last over all positions, the last at the end-of-text
-        tokens only (no other position of it reaches the pooled state), under the rows of the causal mask there.
-        It calls the embeddings and each encoder layer (not `forward`): hooks and FSDP wrapping belong on those."""
+    def _pooled_at_end_of_text(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, packed: bool = False
+    ) -> torch.Tensor:
+        """`pooler_output` of one call: every layer but the last over all positions (`packed`: over those up to each
+        end-of-text token alone), the last at the end-of-text tokens only (no other position of it reaches the
+        pooled state), under the rows of the causal mask there. It calls the embeddings and each encoder layer (not
+        `forward`): hooks and FSDP wrapping belong on those."""
         hidden_states = self.embeddings(input_ids)
         ends = input_ids.argmax(dim=-1).to(hidden_states.device)
         *layers, last = self.encoder.layers
         mask = _causal_attention_mask(self.config, self.config._attn_implementation, attention_mask, hidden_states)
+        packing = TextPacking(ends, input_ids.shape[1]) if packed else None
+        if packing is not None:
+            hidden_states = packing.pack(hidden_states)
         for layer in layers:
-            hidden_states = layer(hidden_states, mask)
+            hidden_states = layer(hidden_states, mask, packing=packing)
+        if packing is not None:
+            hidden_states = packing.pad(hidden_states)
         rows = _at_positions(_causal_attention_mask(self.config, "eager", attention_mask, hidden_states)[:, 0], ends)
         rows = rows[:, None, None]  # (batch, 1, 1, keys): the causal mask's row at each end-of-text token
         return self.final_layer_norm(last(hidden_states, rows, query_positions=ends)[:, 0])
-
-
-def _merge_equal_cuts(groups: tuple, cuts: list[int]) -> tuple[list, list[int]]:
-    """Neighbouring length groups with the same cut, joined (e.g. every caption 77 tokens: one call, not several)."""
-    merged, merged_cuts = [], []
-    for group, cut in zip(groups, cuts):
-        if merged_cuts and merged_cuts[-1] == cut:
-            merged[-1] = torch.cat([merged[-1], group])
-        else:
-            merged.append(group)
-            merged_cuts.append(cut)
-    return merged, merged_cuts
 
 
 class FlairVisionModel(FlairPreTrainedModel):

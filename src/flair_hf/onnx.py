@@ -24,6 +24,7 @@ MANIFEST = "flair_onnx.json"
 FORMAT = "flair-onnx"
 FORMAT_VERSION = 1
 GRAPHS = {"text": "text_encoder.onnx", "image": "image_encoder.onnx", "pair": "pair_scorer.onnx", "attention": "pair_attention.onnx"}
+TEXT_LENGTH_GROUPS = 8  # the text graph takes padded batches: texts sorted by length into at least this many calls
 
 
 def is_onnx_export(path) -> bool:
@@ -108,9 +109,9 @@ class FlairOnnxModel:
         return self.embed_token_ids(self.token_ids(texts), batch_size, show_progress_bar)
 
     def embed_token_ids(self, ids: list[list[int]], batch_size: int = 256, show_progress_bar: bool = False) -> np.ndarray:
-        """Global text embeddings `(T, D)` of token id lists (each ending in `<end_of_text>`), not normalised. As
-        `FlairModel.get_text_embeds`: texts sorted by length into at least `length_groups` calls (of at most
-        `batch_size`), each cut at its longest (later positions cannot reach `<end_of_text>` under the causal mask)."""
+        """Global text embeddings `(T, D)` of token id lists (each ending in `<end_of_text>`), not normalised: texts
+        sorted by length into at least the manifest's `length_groups` calls (of at most `batch_size`), each cut at its
+        longest (later positions cannot reach `<end_of_text>` under the causal mask)."""
         embeds = np.zeros((len(ids), self.manifest["projection_dim"]), dtype=np.float32)
         order = np.argsort([len(i) for i in ids], kind="stable")
         calls = max(-(-len(ids) // batch_size), min(self.manifest["length_groups"], len(ids)))

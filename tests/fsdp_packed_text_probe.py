@@ -1,9 +1,9 @@
 """Run under `torch.distributed.run` (gloo, CPU, float64): FSDP2 gradients of the FLAIR loss when the text tower runs
-in several length groups per forward (`text_config.length_groups`), with caption lengths that differ across ranks;
-then text embeddings of different numbers of texts per rank (fewer than the groups on one), as evaluation shards them.
+on packed rows (the positions up to each end-of-text token), with caption lengths that differ across ranks; then text
+embeddings of different numbers of texts per rank, as evaluation shards them.
 
 Also importable: `build_model` and `batch_for_rank` give the single-process reference the same model and data.
-Usage: `fsdp_text_groups_probe.py OUTPUT_FILE`; rank 0 writes the full gradients and the per-rank losses.
+Usage: `fsdp_packed_text_probe.py OUTPUT_FILE`; rank 0 writes the full gradients and the per-rank losses.
 """
 
 import sys
@@ -18,7 +18,7 @@ def build_model():
 
     small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
     config = FlairConfig(
-        projection_dim=16, text_config={**small, "length_groups": 3}, vision_config={**small, "image_size": 32}
+        projection_dim=16, text_config=small, vision_config={**small, "image_size": 32}
     )
     torch.manual_seed(0)
     model = FlairModel(config).double()
@@ -38,7 +38,7 @@ def batch_for_rank(rank: int):
 
 
 def texts_for_rank(rank: int) -> torch.Tensor:
-    """5 captions on rank 0, 1 on rank 1 (fewer than the 3 length groups)."""
+    """5 captions on rank 0, 1 on rank 1."""
     return batch_for_rank(rank)[1][: 5 if rank == 0 else 1]
 
 
