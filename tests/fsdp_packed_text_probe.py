@@ -1,6 +1,6 @@
 """Run under `torch.distributed.run` (gloo, CPU, float64): FSDP2 gradients of the FLAIR loss when the text tower runs
 on packed rows (the positions up to each end-of-text token), with caption lengths that differ across ranks; then text
-embeddings of different numbers of texts per rank, as evaluation shards them.
+embeddings of different numbers of texts per rank (none on one), as evaluation shards them.
 
 Also importable: `build_model` and `batch_for_rank` give the single-process reference the same model and data.
 Usage: `fsdp_packed_text_probe.py OUTPUT_FILE`; rank 0 writes the full gradients and the per-rank losses.
@@ -38,8 +38,8 @@ def batch_for_rank(rank: int):
 
 
 def texts_for_rank(rank: int) -> torch.Tensor:
-    """5 captions on rank 0, 1 on rank 1."""
-    return batch_for_rank(rank)[1][: 5 if rank == 0 else 1]
+    """5 captions on rank 0, none on rank 1 (whose text tower still runs once, on a one-token stand-in)."""
+    return batch_for_rank(rank)[1][: 5 if rank == 0 else 0]
 
 
 def rank_loss(model, rank: int):
@@ -64,8 +64,10 @@ def main(output: str) -> None:
     gradients = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
     losses = [torch.zeros((), dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(losses, loss.detach())
-    with torch.no_grad():  # a text-only forward (FSDP2 unshards the root's parameters in forward)
-        embeds = model(input_ids=texts_for_rank(rank)).text_embeds
+    with torch.no_grad():  # text embeddings outside forward: the root's parameters unsharded by hand, the layers' by FSDP2
+        model.unshard()
+        embeds = model.get_text_embeds(texts_for_rank(rank))
+        model.reshard()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, embeds)
     if rank == 0:

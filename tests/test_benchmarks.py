@@ -72,7 +72,7 @@ def test_the_flop_model_of_the_inference_bound_counts_what_the_towers_compute():
         model.vision_model(pixel_values=torch.randn(2, 3, 32, 32))
     patch_embedding = 2 * 2 * 16 * 32 * 3 * 8 * 8  # images x patches x width x (channels x patch area), x 2
     assert text.get_total_flops() == 3 * transformer_flops(config.text_config, 77)
-    ids[:, -1] = 49407  # end-of-text (the largest id) last: one length group of 77 positions
+    ids[:, -1] = 49407  # end-of-text (the largest id) last: every caption 77 tokens, nothing to pack
     with torch.no_grad(), FlopCounterMode(display=False) as pooled:
         model.text_model.pooled_output(ids)
     assert pooled.get_total_flops() == 3 * transformer_flops(config.text_config, 77, pooled=True)

@@ -95,13 +95,18 @@ def layer_input_shapes(model, ids, attention_mask=None) -> tuple[torch.Tensor, l
     return embeds, first, last
 
 
-def test_text_embeddings_cut_at_end_of_text_equal_full_length(tiny_dir):
+def test_text_embeddings_cut_at_end_of_text_equal_full_length():
     """`get_text_embeds` runs one call cut at the longest text, every layer but the last on the positions up to each
     end-of-text token alone (packed rows), the last at the end-of-text tokens; the embeddings, their gradients and a
     padding mask's effect equal the full 77-token pass."""
-    model = FlairModel.from_pretrained(tiny_dir).train()
+    from flair_hf import FlairConfig
+
+    small = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2}
+    config = FlairConfig(projection_dim=16, text_config={**small, "num_hidden_layers": 3}, vision_config={**small, "num_hidden_layers": 1})
+    torch.manual_seed(0)
+    model = FlairModel(config).train()  # two packed layers: rows pass from one to the next
     generator = torch.Generator().manual_seed(0)
-    ends = [5, 70, 12, 74, 30, 3, 45, 9, 20, 60, 1]
+    ends = [5, 70, 12, 74, 30, 0, 45, 9, 20, 60, 1]
     ids = ids_ending_at(ends, generator)
     mask = (ids != 0).long()
     fast, first, last = layer_input_shapes(model, ids, mask)
@@ -210,3 +215,19 @@ def test_config_defaults_are_the_released_architecture_and_validated():
     assert config.pooling_num_attention_heads == 8 and config.logit_bias_init_value == -10.0
     with pytest.raises(Exception, match="projection_dim \\(30\\) is not a multiple of pooling_num_attention_heads"):
         FlairConfig(projection_dim=30)
+
+
+def test_config_files_of_earlier_versions_still_load(tiny_dir, tmp_path):
+    """`text_config.length_groups` (the length groups that packing replaced) in a saved config is ignored."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_dir, tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["text_config"]["length_groups"] = 4
+    config_file.write_text(json.dumps(config))
+    model = FlairModel.from_pretrained(tmp_path / "old").eval()
+    ids = ids_ending_at([3, 40], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_text_embeds(ids), model.text_projection(model.text_model(ids).pooler_output))

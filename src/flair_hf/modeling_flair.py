@@ -172,21 +172,21 @@ class TextPacking:
 
     Packed, a layer's LayerNorms, projections and MLP run on these rows alone; its attention runs on them padded back
     to `(batch, length, ...)` with zeros after each end-of-text token, which no kept position attends to under the
-    causal mask."""
+    causal mask. `ends` may sit on the host (no device sync); the index follows the rows to their device."""
 
-    def __init__(self, ends: torch.LongTensor, length: int):
+    def __init__(self, ends: torch.LongTensor, length: int, device: torch.device):
         kept = torch.arange(length, device=ends.device) <= ends[:, None]
         self.shape = tuple(kept.shape)
-        self.index = kept.flatten().nonzero().squeeze(1)
+        self.index = kept.flatten().nonzero().squeeze(1).to(device)
 
     def pack(self, states: torch.Tensor) -> torch.Tensor:
         """`(batch, length, ...)` -> the kept rows `(tokens, ...)`."""
-        return states.flatten(0, 1).index_select(0, self.index)
+        return states.flatten(0, 1).index_select(0, self.index.to(states.device))
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
         """The kept rows `(tokens, ...)` -> `(batch, length, ...)`, zeros elsewhere."""
-        padded = rows.new_zeros(self.shape[0] * self.shape[1], *rows.shape[1:]).index_copy_(0, self.index, rows)
-        return padded.view(*self.shape, *rows.shape[1:])
+        padded = rows.new_zeros(self.shape[0] * self.shape[1], *rows.shape[1:])
+        return padded.index_copy_(0, self.index.to(rows.device), rows).view(*self.shape, *rows.shape[1:])
 
 
 class FlairAttention(nn.Module):
@@ -462,27 +462,27 @@ class FlairTextModel(FlairPreTrainedModel):
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 self._pooled_at_end_of_text(input_ids.new_zeros(1, 1))
             return self.final_layer_norm.weight.new_zeros(0, self.config.hidden_size)
-        ends = input_ids.argmax(dim=-1)
+        ends = input_ids.argmax(dim=-1).cpu()  # one device sync for the cut, the packing and the mask check
         cut = int(ends.max()) + 1
         input_ids = input_ids[:, :cut]
         if attention_mask is not None:
-            reaching = torch.arange(cut, device=ends.device) <= ends[:, None]
-            if not bool(attention_mask.to(ends.device)[:, :cut].bool()[reaching].all()):
+            reaching = torch.arange(cut) <= ends[:, None]
+            if not bool(attention_mask[:, :cut].bool().cpu()[reaching].all()):
                 return self._pooled_at_end_of_text(input_ids, attention_mask[:, :cut])
-        return self._pooled_at_end_of_text(input_ids, packed=bool((ends < cut - 1).any()))
+        return self._pooled_at_end_of_text(input_ids, packing_ends=ends if bool((ends < cut - 1).any()) else None)
 
     def _pooled_at_end_of_text(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, packed: bool = False
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, packing_ends: torch.LongTensor | None = None
     ) -> torch.Tensor:
-        """`pooler_output` of one call: every layer but the last over all positions (`packed`: over those up to each
-        end-of-text token alone), the last at the end-of-text tokens only (no other position of it reaches the
-        pooled state), under the rows of the causal mask there. It calls the embeddings and each encoder layer (not
+        """`pooler_output` of one call: every layer but the last over all positions (given `packing_ends`, the
+        end-of-text positions on the host: over those up to each end-of-text token alone), the last at the end-of-text
+        tokens only (no other position of it reaches the pooled state), under the rows of the causal mask there. It calls the embeddings and each encoder layer (not
         `forward`): hooks and FSDP wrapping belong on those."""
         hidden_states = self.embeddings(input_ids)
         ends = input_ids.argmax(dim=-1).to(hidden_states.device)
         *layers, last = self.encoder.layers
         mask = _causal_attention_mask(self.config, self.config._attn_implementation, attention_mask, hidden_states)
-        packing = TextPacking(ends, input_ids.shape[1]) if packed else None
+        packing = None if packing_ends is None else TextPacking(packing_ends, input_ids.shape[1], hidden_states.device)
         if packing is not None:
             hidden_states = packing.pack(hidden_states)
         for layer in layers:
