@@ -127,6 +127,29 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length():
         assert (model.get_text_embeds(ids) - full)[[1, 3]].abs().max() > 1e-3
 
 
+def test_long_batches_on_the_cpu_run_in_sorted_calls_of_bounded_rows(tiny_dir, monkeypatch):
+    """Past `CPU_TEXT_ROWS_PER_CALL` kept positions, texts run sorted by length in calls of about that many rows, each
+    cut at its longest text; the embeddings come back in the input order, equal to the full pass."""
+    import flair_hf.modeling_flair as modeling
+
+    monkeypatch.setattr(modeling, "CPU_TEXT_ROWS_PER_CALL", 100)
+    model = FlairModel.from_pretrained(tiny_dir).eval()
+    ends = [5, 70, 12, 74, 30, 0, 45, 9, 20, 60, 1]  # 337 kept positions: 4 calls
+    ids = ids_ending_at(ends, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast, first, last = layer_input_shapes(model, ids)
+        torch.testing.assert_close(fast, model.text_projection(model.text_model(ids).pooler_output), atol=1e-6, rtol=1e-5)
+    width = model.config.text_config.hidden_size
+    # sorted ends [0, 1, 5], [9, 12, 20], [30, 45, 60], [70, 74]: packed rows of each call
+    assert first == [(9, width), (44, width), (138, width), (146, width)]
+    assert last == [(3, 1), (3, 1), (3, 1), (2, 1)]
+    monkeypatch.setattr(modeling, "CPU_TEXT_ROWS_PER_CALL", 1)  # more calls than texts: one text per call
+    with torch.no_grad():
+        single, first, _ = layer_input_shapes(model, ids)
+    assert first == [(1, end + 1, width) for end in sorted(ends)]  # one text: nothing to pack
+    torch.testing.assert_close(single, fast, atol=1e-6, rtol=1e-5)
+
+
 def test_captions_of_equal_length_run_unpacked(tiny_dir):
     """Captions all of the same length (77 tokens, the worst case) drop no position: one padded call, no packing,
     and the last layer computes the end-of-text tokens alone."""

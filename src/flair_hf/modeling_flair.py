@@ -413,6 +413,10 @@ def _multihead_attention_default(module: nn.Module, factor: float) -> None:
     _zero_biases(module.q_proj, module.k_proj, module.v_proj, module.out_proj)
 
 
+CPU_TEXT_ROWS_PER_CALL = 2560  # positions per text-tower call on the CPU: one call over many more runs slower there
+# (allocations past glibc's 32 MiB mmap threshold fault their pages in on every call); measured on a 2-core CPU
+
+
 class FlairTextModel(FlairPreTrainedModel):
     """Causal text transformer; `pooler_output` is the final-LayerNorm state at the end-of-text token (argmax id)."""
 
@@ -448,28 +452,42 @@ class FlairTextModel(FlairPreTrainedModel):
 
     def pooled_output(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`pooler_output` alone, each text computed only up to its end-of-text token (all that reaches it under the
-        causal mask), in one call: cut at the longest text, every layer but the last on the positions up to each
-        end-of-text token alone (`TextPacking`, when some position is dropped), the last at those tokens only.
+        causal mask): cut at the longest text, every layer but the last on the positions up to each end-of-text token
+        alone (`TextPacking`, when some position is dropped), the last at those tokens only. On the CPU, texts of more
+        than `CPU_TEXT_ROWS_PER_CALL` such positions run sorted by length in that many-row calls (each cut at its
+        longest text); elsewhere, and under torch.distributed (where ranks must make equal calls), in one call.
 
         A padding mask that keeps every position up to each end-of-text token cannot change the result, so it is
         dropped (the kernels then take the causal flag alone); one with holes before it runs the padded pass under
         it. Traced or compiled, the padded pass over every position runs, so that no example's lengths are baked into
         the graph. With no texts under torch.distributed, a one-token call still runs, so that ranks of a sharded
         (FSDP) run issue the same collectives."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self._pooled_at_end_of_text(input_ids, attention_mask)
         if input_ids.shape[0] == 0:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if distributed:
                 self._pooled_at_end_of_text(input_ids.new_zeros(1, 1))
             return self.final_layer_norm.weight.new_zeros(0, self.config.hidden_size)
-        ends = input_ids.argmax(dim=-1).cpu()  # one device sync for the cut, the packing and the mask check
-        cut = int(ends.max()) + 1
-        input_ids = input_ids[:, :cut]
+        ends = input_ids.argmax(dim=-1).cpu()  # one device sync for the cuts, the packing and the mask check
         if attention_mask is not None:
+            cut = int(ends.max()) + 1
             reaching = torch.arange(cut) <= ends[:, None]
             if not bool(attention_mask[:, :cut].bool().cpu()[reaching].all()):
-                return self._pooled_at_end_of_text(input_ids, attention_mask[:, :cut])
-        return self._pooled_at_end_of_text(input_ids, packing_ends=ends if bool((ends < cut - 1).any()) else None)
+                return self._pooled_at_end_of_text(input_ids[:, :cut], attention_mask[:, :cut])
+        calls = 1
+        if input_ids.device.type == "cpu" and not distributed:
+            calls = min(math.ceil(int((ends + 1).sum()) / CPU_TEXT_ROWS_PER_CALL), len(ends))
+        if calls == 1:
+            return self._pooled_packed(input_ids, ends)
+        order = ends.argsort()
+        pooled = [self._pooled_packed(input_ids[group], ends[group]) for group in order.tensor_split(calls)]
+        return torch.cat(pooled)[order.argsort()]
+
+    def _pooled_packed(self, input_ids: torch.LongTensor, ends: torch.LongTensor) -> torch.Tensor:
+        """`pooler_output` of one call cut at the longest text, packed when that drops a position (`ends` on the host)."""
+        cut = int(ends.max()) + 1
+        return self._pooled_at_end_of_text(input_ids[:, :cut], packing_ends=ends if bool((ends < cut - 1).any()) else None)
 
     def _pooled_at_end_of_text(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, packing_ends: torch.LongTensor | None = None
