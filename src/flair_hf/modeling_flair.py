@@ -494,8 +494,8 @@ class FlairTextModel(FlairPreTrainedModel):
     ) -> torch.Tensor:
         """`pooler_output` of one call: every layer but the last over all positions (given `packing_ends`, the
         end-of-text positions on the host: over those up to each end-of-text token alone), the last at the end-of-text
-        tokens only (no other position of it reaches the pooled state), under the rows of the causal mask there. It calls the embeddings and each encoder layer (not
-        `forward`): hooks and FSDP wrapping belong on those."""
+        tokens only (no other position of it reaches the pooled state), under the rows of the causal mask there. It
+        calls the embeddings and each encoder layer (not `forward`): hooks and FSDP wrapping belong on those."""
         hidden_states = self.embeddings(input_ids)
         ends = input_ids.argmax(dim=-1).to(hidden_states.device)
         *layers, last = self.encoder.layers
