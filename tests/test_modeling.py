@@ -129,16 +129,30 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length():
 
 def test_long_batches_on_the_cpu_run_in_sorted_calls_of_bounded_rows(tiny_dir, monkeypatch):
     """Past `CPU_TEXT_ROWS_PER_CALL` kept positions, texts run sorted by length in calls of about that many rows, each
-    cut at its longest text; the embeddings come back in the input order, equal to the full pass."""
+    cut at its longest text, after one embedding pass; the embeddings come back in the input order, equal to the
+    full pass, and so do the gradients."""
     import flair_hf.modeling_flair as modeling
 
     monkeypatch.setattr(modeling, "CPU_TEXT_ROWS_PER_CALL", 100)
     model = FlairModel.from_pretrained(tiny_dir).eval()
     ends = [5, 70, 12, 74, 30, 0, 45, 9, 20, 60, 1]  # 337 kept positions: 4 calls
     ids = ids_ending_at(ends, torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    weights = torch.linspace(-1, 1, model.config.projection_dim)
+    embedding_calls = []
+    hook = model.text_model.embeddings.register_forward_hook(lambda *_: embedding_calls.append(1))
+    try:
         fast, first, last = layer_input_shapes(model, ids)
-        torch.testing.assert_close(fast, model.text_projection(model.text_model(ids).pooler_output), atol=1e-6, rtol=1e-5)
+    finally:
+        hook.remove()
+    assert len(embedding_calls) == 1  # the embeddings run once for all calls: one dense token-embedding gradient
+    expected = model.text_projection(model.text_model(ids).pooler_output)
+    torch.testing.assert_close(fast, expected, atol=1e-6, rtol=1e-5)
+    parameters = [p for p in model.text_model.parameters() if p.requires_grad]
+    gradients = torch.autograd.grad((fast * weights).sum(), parameters)
+    expected_gradients = torch.autograd.grad((expected * weights).sum(), parameters)
+    for gradient, expected_gradient in zip(gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(gradient, expected_gradient, atol=1e-5, rtol=1e-4)
+    fast = fast.detach()
     width = model.config.text_config.hidden_size
     # sorted ends [0, 1, 5], [9, 12, 20], [30, 45, 60], [70, 74]: packed rows of each call
     assert first == [(9, width), (44, width), (138, width), (146, width)]
@@ -241,7 +255,8 @@ def test_config_defaults_are_the_released_architecture_and_validated():
 
 
 def test_config_files_of_earlier_versions_still_load(tiny_dir, tmp_path):
-    """`text_config.length_groups` (the length groups that packing replaced) in a saved config is ignored."""
+    """`text_config.length_groups` (the length groups that packing replaced) in a saved config is ignored, and not
+    written again."""
     import json
     import shutil
 
@@ -254,3 +269,5 @@ def test_config_files_of_earlier_versions_still_load(tiny_dir, tmp_path):
     ids = ids_ending_at([3, 40], torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model.get_text_embeds(ids), model.text_projection(model.text_model(ids).pooler_output))
+    model.save_pretrained(tmp_path / "new")
+    assert "length_groups" not in json.loads((tmp_path / "new" / "config.json").read_text())["text_config"]

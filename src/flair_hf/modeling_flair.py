@@ -481,22 +481,34 @@ class FlairTextModel(FlairPreTrainedModel):
         if calls == 1:
             return self._pooled_packed(input_ids, ends)
         order = ends.argsort()
-        pooled = [self._pooled_packed(input_ids[group], ends[group]) for group in order.tensor_split(calls)]
+        embedded = self.embeddings(input_ids[:, : int(ends.max()) + 1])  # once: one dense embedding gradient, not one a call
+        groups = order.tensor_split(calls)
+        pooled = [self._pooled_packed(input_ids[group], ends[group], embedded[group]) for group in groups]
         return torch.cat(pooled)[order.argsort()]
 
-    def _pooled_packed(self, input_ids: torch.LongTensor, ends: torch.LongTensor) -> torch.Tensor:
-        """`pooler_output` of one call cut at the longest text, packed when that drops a position (`ends` on the host)."""
+    def _pooled_packed(
+        self, input_ids: torch.LongTensor, ends: torch.LongTensor, embedded: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`pooler_output` of one call cut at the longest text, packed when that drops a position (`ends` on the host);
+        `embedded`: the embeddings' output for `input_ids`, when already computed."""
         cut = int(ends.max()) + 1
-        return self._pooled_at_end_of_text(input_ids[:, :cut], packing_ends=ends if bool((ends < cut - 1).any()) else None)
+        packing_ends = ends if bool((ends < cut - 1).any()) else None
+        embedded = None if embedded is None else embedded[:, :cut]
+        return self._pooled_at_end_of_text(input_ids[:, :cut], packing_ends=packing_ends, embedded=embedded)
 
     def _pooled_at_end_of_text(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, packing_ends: torch.LongTensor | None = None
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        packing_ends: torch.LongTensor | None = None,
+        embedded: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`pooler_output` of one call: every layer but the last over all positions (given `packing_ends`, the
         end-of-text positions on the host: over those up to each end-of-text token alone), the last at the end-of-text
         tokens only (no other position of it reaches the pooled state), under the rows of the causal mask there. It
-        calls the embeddings and each encoder layer (not `forward`): hooks and FSDP wrapping belong on those."""
-        hidden_states = self.embeddings(input_ids)
+        calls the embeddings (unless given their output, `embedded`) and each encoder layer (not `forward`): hooks and
+        FSDP wrapping belong on those."""
+        hidden_states = self.embeddings(input_ids) if embedded is None else embedded
         ends = input_ids.argmax(dim=-1).to(hidden_states.device)
         *layers, last = self.encoder.layers
         mask = _causal_attention_mask(self.config, self.config._attn_implementation, attention_mask, hidden_states)
