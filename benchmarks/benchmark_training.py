@@ -100,7 +100,9 @@ def timed(function) -> tuple[float, object]:
 
 
 def compare_steps(original, ours, pixels, ids, captions_per_image: int, rounds: int) -> dict:
-    """Median forward / backward / AdamW seconds of both formulations over interleaved rounds (after a warm-up)."""
+    """Median forward / backward / AdamW seconds of both formulations over interleaved rounds (after a warm-up), and
+    each round's step-time ratio (original / ours: the two steps of a round run back to back, so a drift of the
+    machine's speed between rounds cancels)."""
     K, batch = captions_per_image, pixels.shape[0]
     losses = {
         "original": lambda: original.loss(ids, pixels, K, sample_text_indices(batch, K)[1]),
@@ -130,6 +132,7 @@ def compare_steps(original, ours, pixels, ids, captions_per_image: int, rounds: 
     return {
         **medians,
         "speed_ours_over_original": medians["original"]["step"] / medians["ours"]["step"],
+        "speed_per_round": [a / b for a, b in zip(times["original"]["step"], times["ours"]["step"], strict=True)],
         "loss": first_losses["ours"],
         "loss_abs_difference": difference,
         "rounds": rounds,
@@ -210,7 +213,8 @@ def main(argv=None):
         row = steps[lengths]
         print(f"{lengths} captions ({row['mean_caption_tokens']:.0f} tokens on average): original "
               f"{row['original']['step']:.2f} s, ours {row['ours']['step']:.2f} s per step -> "
-              f"{row['speed_ours_over_original']:.2f}x; loss difference {row['loss_abs_difference']:.1e}")  # fmt: skip
+              f"{row['speed_ours_over_original']:.2f}x (rounds: {', '.join(f'{r:.2f}' for r in row['speed_per_round'])}); "
+              f"loss difference {row['loss_abs_difference']:.1e}")  # fmt: skip
         for name in ("original", "ours"):
             print(f"  {name:8s} " + ", ".join(f"{part} {seconds:.2f} s" for part, seconds in parts[lengths][name].items())
                   + f", AdamW {row[name]['optimizer']:.2f} s")  # fmt: skip

@@ -23,6 +23,8 @@ def test_training_benchmark_compares_with_the_original_formulation(tmp_path):
         assert mean_tokens[0] <= row["mean_caption_tokens"] <= mean_tokens[1]
         assert row["loss_abs_difference"] <= 1e-4 * max(1.0, abs(row["loss"]))
         assert row["speed_ours_over_original"] == row["original"]["step"] / row["ours"]["step"]
+        assert len(row["speed_per_round"]) == 1 == row["rounds"]  # one timed round: its ratio is the medians'
+        assert abs(row["speed_per_round"][0] - row["speed_ours_over_original"]) < 1e-12
         parts = report["breakdown_forward_backward_seconds"][lengths]
         assert set(parts["original"]) == set(parts["ours"]) == {"text_tower", "vision_tower", "loss_head"}
     assert report["data_pipeline"]["samples"] > 0
