@@ -188,8 +188,10 @@ def test_runtime_errors_name_the_problem(tiny_onnx, tiny_dir, monkeypatch):
         exported.score([], "a dog")
     with pytest.raises(ValueError, match="1 images and 0 texts"):
         exported.score(IMAGES[0], [])
-    with pytest.raises(TypeError, match="uint8"):
-        exported.encode_image(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"pass uint8 \(0-255\) or floats in \[0, 1\]"):
+        exported.encode_image(np.full((4, 4, 3), 2.5, dtype=np.float32))
+    with pytest.raises(TypeError, match="pass a PIL image, a file path or a NumPy array"):
+        exported.encode_image([{"not": "an image"}])
     with pytest.raises(FileNotFoundError, match="export a model first"):
         FlairOnnxModel.from_pretrained(tiny_dir)
     from flair_hf.retrieval import flair_scores
@@ -205,9 +207,13 @@ def test_runtime_errors_name_the_problem(tiny_onnx, tiny_dir, monkeypatch):
         FlairOnnxModel.from_pretrained("nobody/no-such-flair-onnx")
 
 
-@pytest.mark.parametrize("shape", [(50, 70, 3), (3, 50, 70), (50, 70, 1)])
-def test_onnx_on_one_array_image_equals_pytorch(tiny_onnx, tiny_scorer, shape):
-    array = np.asarray(torch.randint(0, 256, shape, dtype=torch.uint8))
+@pytest.mark.parametrize("shape, dtype", [((50, 70, 3), "uint8"), ((3, 50, 70), "uint8"), ((50, 70, 1), "uint8"),
+                                          ((50, 70, 4), "uint8"), ((50, 70), "uint8"), ((3, 50, 70), "float32")])  # fmt: skip
+def test_onnx_on_one_array_image_equals_pytorch(tiny_onnx, tiny_scorer, shape, dtype):
+    """Gray, RGB and RGBA arrays, channels last or first, uint8 or floats in [0, 1], as the PyTorch processor reads them."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(shape, generator=generator) if dtype == "float32" else torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    array = np.asarray(pixels)
     assert_scores_equal(tiny_scorer, FlairOnnxModel.from_pretrained(tiny_onnx), array, "a dog", tolerance=1e-4)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.numpy import load_file
+from transformers.image_transforms import to_pil_image
 
 from conftest import FIXTURES
 
@@ -114,6 +115,46 @@ def test_image_modes(image_processor, mode):
     assert got.shape == (1, 3, 224, 224) and got.dtype == np.float32 and np.isfinite(got).all()
     if mode in ("L", "RGBA", "P", "CMYK"):
         assert np.abs(got[0] - _original_transform(image)).max() <= 1e-6
+
+
+def _rgba(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array, mode="RGBA")
+
+
+@pytest.mark.parametrize(
+    "make, reference",
+    [
+        (lambda rng: rng.integers(0, 256, (50, 70), dtype=np.uint8), Image.fromarray),
+        (lambda rng: rng.integers(0, 256, (50, 70, 1), dtype=np.uint8), lambda a: Image.fromarray(a[..., 0])),
+        (lambda rng: rng.integers(0, 256, (50, 70, 4), dtype=np.uint8), _rgba),
+        (lambda rng: rng.integers(0, 256, (4, 50, 70), dtype=np.uint8), lambda a: _rgba(a.transpose(1, 2, 0))),
+        (lambda rng: rng.random((50, 70, 3), dtype=np.float32), to_pil_image),
+        (lambda rng: torch.rand(3, 50, 70, generator=torch.Generator().manual_seed(0)), to_pil_image),
+        (lambda rng: rng.integers(0, 256, (50, 70, 3)).astype(np.float64), to_pil_image),
+    ],
+    ids=["gray", "gray-hw1", "rgba", "rgba-chw", "float-0-1", "float-tensor-chw", "float-0-255"],
+)
+def test_arrays_and_tensors_are_read_as_the_pil_image_of_their_pixels(image_processor, make, reference):
+    """Arrays and tensors become the PIL image of their pixels (values read as transformers' `to_pil_image` reads
+    them; gray and RGBA in their own mode), then follow the original transform."""
+    array = make(np.random.default_rng(0))
+    got = image_processor(array, return_tensors="np")["pixel_values"]
+    assert got.shape == (1, 3, 224, 224)
+    assert np.abs(got[0] - _original_transform(reference(array))).max() <= 1e-6
+    pair = np.stack([np.asarray(array)] * 2) if array.ndim == 3 else [array, array]  # 4-D: a batch (3-D: one image)
+    batch = image_processor(pair, return_tensors="np")["pixel_values"]
+    assert batch.shape == (2, 3, 224, 224) and np.array_equal(batch[1], got[0])
+
+
+def test_unusable_arrays_get_clear_errors(image_processor):
+    for array, message in (
+        (np.full((8, 8, 3), 2.5, dtype=np.float32), r"values in \[2.5, 2.5\]: pass uint8 \(0-255\) or floats in \[0, 1\]"),
+        (np.zeros((8, 8, 5), dtype=np.uint8), r"shape \(8, 8, 5\): pass \(H, W\), \(H, W, C\) or \(C, H, W\)"),
+        (np.zeros((8, 8, 3), dtype=bool), "dtype bool"),
+        (np.zeros((0, 8, 3), dtype=np.uint8), r"shape \(0, 8, 3\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            image_processor(array)
 
 
 def test_one_pixel_image_and_batch(image_processor):

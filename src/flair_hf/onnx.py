@@ -18,7 +18,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .preprocessing import FLAIR_PAD_TOKEN_ID, as_image_list, as_text_list, clean_caption, image_to_pixels, open_image
+from .preprocessing import (
+    FLAIR_PAD_TOKEN_ID, array_to_image, as_image_list, as_text_list, clean_caption, image_to_pixels, open_image,
+)  # fmt: skip
 
 MANIFEST = "flair_onnx.json"
 FORMAT = "flair-onnx"
@@ -55,19 +57,15 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _image(item):
-    """A PIL image from a PIL image, a local path or a uint8 array `(H, W)`, `(H, W, C)` or `(C, H, W)` (C = 1 or 3)."""
+    """A PIL image from a PIL image, a local path or an array (see `array_to_image`)."""
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, (str, os.PathLike)):
         return open_image(item)
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim in (2, 3):
-        if item.ndim == 3 and item.shape[0] in (1, 3) and item.shape[-1] not in (1, 3):
-            item = item.transpose(1, 2, 0)  # channels first, as FlairImageProcessor accepts
-        if item.ndim == 2 or item.shape[-1] in (1, 3):
-            return Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[-1] == 1 else item)
-    shape = getattr(item, "shape", None)
-    raise TypeError(f"FlairOnnxModel got a {type(item).__name__} image{f' of shape {shape}' if shape else ''}; pass a PIL "
-                    "image, a file path or a uint8 array (H, W), (H, W, 3) or (3, H, W)")  # fmt: skip
+    if isinstance(item, np.ndarray):
+        return array_to_image(item)
+    raise TypeError(f"FlairOnnxModel got a {type(item).__name__} image; pass a PIL image, a file path or a NumPy array "
+                    "(H, W), (H, W, C) or (C, H, W)")  # fmt: skip
 
 
 class FlairOnnxModel:

@@ -28,6 +28,41 @@ def as_image_list(images) -> list:
     return [images] if isinstance(images, (Image.Image, str, os.PathLike)) or hasattr(images, "shape") else list(images)
 
 
+IMAGE_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def array_to_image(array) -> Image.Image:
+    """A PIL image from an array or tensor `(H, W)`, `(H, W, C)` or `(C, H, W)` with C = 1 (gray), 3 (RGB) or 4
+    (RGBA), in the image's own mode (RGBA is converted to RGB after resizing, as a PIL image is). Values as
+    transformers' `to_pil_image` reads them: uint8 or whole numbers in 0-255 as they are, other floats in [0, 1]
+    scaled by 255 (truncated)."""
+    if hasattr(array, "detach"):  # a torch tensor
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[0] in IMAGE_CHANNELS and array.shape[-1] not in IMAGE_CHANNELS:
+        array = array.transpose(1, 2, 0)  # channels first
+    if not (array.ndim == 2 or array.ndim == 3 and array.shape[-1] in IMAGE_CHANNELS) or 0 in array.shape:
+        raise ValueError(f"an image array of shape {tuple(array.shape)}: pass (H, W), (H, W, C) or (C, H, W) with C = 1 "
+                         "(gray), 3 (RGB) or 4 (RGBA), or a batch (N, ...) of them as a list")  # fmt: skip
+    array = _pixel_bytes(array)
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+
+
+def _pixel_bytes(array: np.ndarray) -> np.ndarray:
+    """uint8 pixels of an image array, read as transformers' `to_pil_image` reads them."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"an image array of dtype {array.dtype}: pass uint8 (0-255) or floats in [0, 1]")
+    low, high = float(array.min()), float(array.max())
+    if np.allclose(array, array.astype(np.int64)) and 0 <= low and high <= 255:
+        return array.astype(np.uint8)
+    if 0 <= low and high <= 1:
+        return (array.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
+    raise ValueError(f"an image array of {array.dtype} with values in [{low:g}, {high:g}]: pass uint8 (0-255) or floats "
+                     "in [0, 1]")  # fmt: skip
+
+
 def open_image(path) -> Image.Image:
     """Open and fully decode a local image file, with an error that names the file."""
     path = os.fspath(path)

@@ -9,13 +9,14 @@ from tokenizers import Regex, pre_tokenizers
 from transformers import CLIPTokenizer
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_transforms import to_pil_image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import BatchEncoding
 from transformers.utils import PaddingStrategy, TensorType
 
-from .preprocessing import FLAIR_PAD_TOKEN_ID, OPEN_CLIP_PATTERN, clean_caption, image_to_pixels, open_image, read_bpe_vocab
+from .preprocessing import (
+    FLAIR_PAD_TOKEN_ID, OPEN_CLIP_PATTERN, array_to_image, clean_caption, image_to_pixels, open_image, read_bpe_vocab,
+)  # fmt: skip
 
 
 class FlairImageProcessor(PilBackend):
@@ -27,7 +28,8 @@ class FlairImageProcessor(PilBackend):
     Converting to RGB *after* resizing matters for RGBA, palette, grayscale, CMYK and 16-bit images: PIL resamples
     them in their own mode, exactly as torchvision's `Resize` did in the original pipeline.
 
-    Accepts PIL images, NumPy arrays / torch tensors (uint8, HWC or CHW) and local file paths.
+    Accepts PIL images, local file paths and NumPy arrays / torch tensors (gray, RGB or RGBA, HWC or CHW; uint8, or
+    floats in [0, 1]; see `flair_hf.preprocessing.array_to_image`).
     Returns `pixel_values` of shape `(batch, 3, crop_height, crop_width)`, float32.
     """
 
@@ -46,22 +48,21 @@ class FlairImageProcessor(PilBackend):
     do_convert_rgb = True
 
     def fetch_images(self, images):
-        """Open local image paths (never the network); anything else is passed through."""
+        """Open local image paths (never the network) and read arrays and tensors (`array_to_image`; 4-D: a batch)
+        into PIL images; anything else is passed through."""
         if isinstance(images, (list, tuple)):
             return [self.fetch_images(image) for image in images]
         if isinstance(images, (str, os.PathLike)):
             return open_image(images)
+        if isinstance(images, (np.ndarray, torch.Tensor)):
+            return [array_to_image(image) for image in images] if images.ndim == 4 else array_to_image(images)
         return images
 
     def process_image(self, image, **kwargs) -> Image.Image:
         """Keep PIL images in their own mode (they are converted to RGB after resizing)."""
-        if isinstance(image, Image.Image):
-            return image
-        if hasattr(image, "numpy"):
-            image = image.numpy()
-        if not isinstance(image, np.ndarray):
+        if not isinstance(image, Image.Image):
             raise TypeError(f"FlairImageProcessor got a {type(image).__name__}; expected a PIL image, array or path")
-        return to_pil_image(image)
+        return image
 
     def _preprocess(
         self,
