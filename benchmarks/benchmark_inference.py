@@ -16,12 +16,12 @@ end-of-text cut (every caption over its own length, the last layer at that token
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from flair_hf_benchmarks.benchmark_training import SIZES, original_and_ours
+from flair_hf_benchmarks.measurement import interleaved_times
 from flair_hf_benchmarks.synthetic import caption_ids
 from flair_hf_benchmarks.reporting import write_json
 
@@ -73,15 +73,7 @@ def compare(original, ours, pixels: torch.Tensor, ids: torch.Tensor, rounds: int
         "original": lambda: original_get_logits(original, ids, pixels),
         "ours": lambda: ours(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits_per_image,
     }
-    times, first = {name: [] for name in calls}, {}
-    for round_ in range(rounds + 1):
-        for name in list(calls)[:: 1 if round_ % 2 else -1]:  # alternate who goes first
-            start = time.perf_counter()
-            logits = calls[name]()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-            else:
-                first[name] = logits
+    times, first = interleaved_times(calls, rounds)
     difference = (first["original"] - first["ours"]).abs().max().item()
     if difference > tolerance:
         raise RuntimeError(f"the two formulations disagree: max logit difference {difference:.2e} > {tolerance:.0e}")

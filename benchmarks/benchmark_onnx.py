@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flair_hf import FlairConfig, FlairModel
 from flair_hf.modeling_flair import flair_cosine
 from flair_hf.onnx import FlairOnnxModel, ids_up_to_end_of_text
-from flair_hf_benchmarks.measurement import matmul_peak_flops, peak_rss_mib
+from flair_hf_benchmarks.measurement import interleaved_times, matmul_peak_flops, peak_rss_mib
 from flair_hf_benchmarks.reporting import write_json
 from flair_hf_benchmarks.synthetic import caption_ids
 from flair_hf_conversion.convert_flair_to_hf import build_processor
@@ -118,18 +117,14 @@ def flops(model: FlairModel, inputs: dict) -> dict:
 
 
 def time_interleaved(backends: dict, inputs: dict, rounds: int) -> dict:
-    """Median seconds of each (backend, workload) over `rounds` rounds after one warm-up; backends alternate."""
-    calls = {name: workloads(backend, inputs) for name, backend in backends.items()}
-    times = {name: {w: [] for w in calls[name]} for name in calls}
+    """Median seconds of each (backend, workload) over `rounds` interleaved rounds after one warm-up."""
+    calls = {(name, w): call for name, backend in backends.items() for w, call in workloads(backend, inputs).items()}
     with torch.inference_mode():
-        for round_index in range(rounds + 1):
-            for name, workload in calls.items():
-                for w, call in workload.items():
-                    start = time.perf_counter()
-                    call()
-                    if round_index:
-                        times[name][w].append(time.perf_counter() - start)
-    return {name: {w: statistics.median(t) for w, t in per.items()} for name, per in times.items()}
+        times, _ = interleaved_times(calls, rounds)
+    medians = {name: {} for name in backends}
+    for (name, w), seconds in times.items():
+        medians[name][w] = statistics.median(seconds)
+    return medians
 
 
 def drift(backends: dict, inputs: dict) -> dict:

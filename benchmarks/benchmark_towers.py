@@ -11,14 +11,14 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel
 
 from flair_hf import FlairConfig, FlairModel
-from flair_hf_benchmarks.measurement import peak_memory_mib, reset_peak, synchronize
+from flair_hf_benchmarks.measurement import interleaved_times, peak_memory_mib, reset_peak, timed
+from flair_hf_benchmarks.synthetic import ids_ending_at
 
 
 def build_models(implementation: str, device: str, dtype: torch.dtype, model_config: dict | None = None) -> dict:
@@ -47,20 +47,13 @@ def tower_calls(models: dict, tower: str, pixels: torch.Tensor, ids: torch.Tenso
 def measure_pair(calls: dict, batch: int, iterations: int, device: str) -> dict:
     """Median items/s of each call over `iterations` interleaved rounds (after a warm-up), and its peak memory (on
     CUDA net of the weights and inputs already resident, so each model's figure is its own working memory)."""
-    times = {name: [] for name in calls}
     peaks = {}
     with torch.inference_mode():
         for name, call in calls.items():
             baseline = reset_peak(device)
-            call()
-            synchronize(device)
+            timed(call, device)
             peaks[name] = peak_memory_mib(device, baseline)
-        for _ in range(iterations):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
+        times, _ = interleaved_times(calls, iterations, device)
     return {name: {"items_per_s": batch / statistics.median(times[name]), "peak_memory_mib": peaks[name]} for name in calls}
 
 
@@ -68,9 +61,7 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.image_batch, 3, 224, 224, generator=generator).to(args.device, dtype)
-    ids = torch.randint(1, 49406, (args.text_batch, 77), generator=generator)
-    ids[:, 0], ids[:, 40], ids[:, 41:] = 49406, 49407, 0
-    ids = ids.to(args.device)
+    ids = ids_ending_at([40] * args.text_batch, generator).to(args.device)
     results = []
     for implementation in ("eager", "sdpa"):
         models = build_models(implementation, args.device, dtype)

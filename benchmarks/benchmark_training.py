@@ -26,7 +26,8 @@ import torch
 
 from flair_hf import FlairConfig, FlairModel, FlairTokenizer
 from flair_hf.loss import flair_loss, sample_text_indices
-from flair_hf_benchmarks.measurement import peak_memory_mib, reset_peak, synchronize
+from flair_hf.retrieval import autocast_context
+from flair_hf_benchmarks.measurement import peak_memory_mib, reset_peak, synchronize, timed
 from flair_hf_benchmarks.reporting import write_json
 from flair_hf_benchmarks.synthetic import caption_ids, synthetic_shards
 from flair_hf_conversion.convert_flair_to_hf import convert_state_dict
@@ -61,7 +62,7 @@ def training_steps(
     batch, texts = batch_size, batch_size * captions_per_image
     pixels = torch.randn(batch, 3, size, size, device=device)
     ids = caption_ids(texts, "flair").to(device)
-    autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    autocast = autocast_context(device, autocast_dtype)
     reset_peak(device)
     times, flops = [], None
     for step in range(steps + 1):
@@ -93,12 +94,6 @@ def original_and_ours(model_size: str) -> tuple[OriginalFlair, FlairModel]:
     return original, ours
 
 
-def timed(function) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = function()
-    return time.perf_counter() - start, result
-
-
 def compare_steps(original, ours, pixels, ids, captions_per_image: int, rounds: int) -> dict:
     """Median forward / backward / AdamW seconds of both formulations over interleaved rounds (after a warm-up), and
     each round's step-time ratio (original / ours: the two steps of a round run back to back, so a drift of the
@@ -116,9 +111,9 @@ def compare_steps(original, ours, pixels, ids, captions_per_image: int, rounds: 
     for round_ in range(rounds + 1):
         for name in list(models)[:: 1 if round_ % 2 else -1]:  # alternate who goes first
             torch.manual_seed(round_)  # the same sampled negatives for both
-            forward, loss = timed(losses[name])
-            backward, _ = timed(loss.backward)
-            optimizer, _ = timed(lambda o=optimizers[name]: (o.step(), o.zero_grad()))
+            loss, forward = timed(losses[name])
+            _, backward = timed(loss.backward)
+            _, optimizer = timed(lambda o=optimizers[name]: (o.step(), o.zero_grad()))
             if round_ == 0:  # warm-up; its losses (same weights, same negatives) must agree
                 first_losses[name] = loss.item()
                 continue

@@ -47,11 +47,11 @@ from PIL import Image
 
 from flair_hf import FlairConfig, FlairModel
 from flair_hf.modeling_flair import PAIR_IMAGE_CHUNK_SIZE
-from flair_hf.retrieval import flair_scores
+from flair_hf.retrieval import autocast_context, flair_scores
 from flair_hf_benchmarks import benchmark_scoring, benchmark_towers, benchmark_training, evaluate_retrieval, evaluate_segmentation
-from flair_hf_benchmarks.measurement import matmul_peak_flops, peak_memory_mib, reset_peak, synchronize
+from flair_hf_benchmarks.measurement import matmul_peak_flops, peak_memory_mib, reset_peak, timed
 from flair_hf_benchmarks.reporting import write_json
-from flair_hf_benchmarks.synthetic import synthetic_shards
+from flair_hf_benchmarks.synthetic import ids_ending_at, synthetic_shards
 from flair_hf_conversion import convert_flair_to_hf
 from flair_hf_conversion.manifest_weights import manifest_state_dict
 from flair_hf_conversion.original_forward import attention_pooling_of, original_pair_scores
@@ -121,7 +121,7 @@ def converted_model(scale: str, directory: Path) -> tuple[Path, dict]:
 def model_outputs(model, ids, pixels, autocast_dtype=None) -> dict:
     """The tensors the reference holds: global embeddings, pooled embeddings, FLAIR and CLIP logits (float32)."""
     device_type = pixels.device.type
-    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with autocast_context(device_type, autocast_dtype):
         text = model.get_text_embeds(ids)
         image, tokens = model.get_image_and_token_features(pixels)
         output = model(input_ids=ids, pixel_values=pixels)
@@ -210,9 +210,7 @@ def towers(args, scale: dict, dtype: torch.dtype, peak: float) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     size = FlairConfig(**benchmark_training.SIZES[scale["model"]]).vision_config.image_size
     pixels = torch.randn(scale["image_batch"], 3, size, size, generator=generator).to(args.device, dtype)
-    ids = torch.randint(1, 49406, (scale["text_batch"], 77), generator=generator)
-    ids[:, 0], ids[:, 40], ids[:, 41:] = 49406, 49407, 0
-    ids = ids.to(args.device)
+    ids = ids_ending_at([40] * scale["text_batch"], generator).to(args.device)
     rows = []
     for implementation in ("eager", "sdpa"):
         models = benchmark_towers.build_models(implementation, args.device, dtype, benchmark_training.SIZES[scale["model"]])
@@ -233,14 +231,10 @@ def towers(args, scale: dict, dtype: torch.dtype, peak: float) -> list[dict]:
 # 3. all-pairs scoring ---------------------------------------------------------------------------------------------
 
 
-def timed(device: str, call):
+def timed_with_memory(device: str, call):
     """`call()`'s value, seconds and peak CUDA memory above what was resident before it (inputs, weights), MiB."""
     baseline = reset_peak(device)
-    synchronize(device)
-    start = time.perf_counter()
-    value = call()
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    value, seconds = timed(call, device)
     memory = peak_memory_mib(device, baseline) if device.startswith("cuda") else None
     return value, seconds, memory
 
@@ -252,12 +246,12 @@ def scoring(args, scale: dict, dtype: torch.dtype) -> list[dict]:
         pooling, text, tokens = pooling.to(args.device), text.to(args.device), tokens.to(args.device)
         row = {"images": images, "texts": texts, "autocast": str(dtype).removeprefix("torch.")}
         for name, chunk in (("fast", PAIR_IMAGE_CHUNK_SIZE), ("fast_chunk64", 64)):
-            scores, seconds, memory = timed(args.device, lambda c=chunk: flair_scores(pooling, text, tokens, image_chunk_size=c, autocast_dtype=dtype))
+            scores, seconds, memory = timed_with_memory(args.device, lambda c=chunk: flair_scores(pooling, text, tokens, image_chunk_size=c, autocast_dtype=dtype))
             row[name] = {"seconds": seconds, "peak_memory_mib": memory, "image_chunk_size": chunk}
         subset = min(scale["loop_images"], images)
-        with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None):
+        with autocast_context(args.device, dtype):
             block = attention_pooling_of(pooling)
-            loop, seconds, memory = timed(args.device, lambda: original_pair_scores(block, text, tokens[:subset]))
+            loop, seconds, memory = timed_with_memory(args.device, lambda: original_pair_scores(block, text, tokens[:subset]))
         row["original_loop"] = {
             "subset_images": subset, "subset_seconds": seconds, "seconds_scaled": seconds * images / subset,
             "peak_memory_mib": memory,

@@ -11,6 +11,29 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed(call, device: str = "cpu") -> tuple[object, float]:
+    """`call()`'s value and the seconds it took, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    value = call()
+    synchronize(device)
+    return value, time.perf_counter() - start
+
+
+def interleaved_times(calls: dict, rounds: int, device: str = "cpu") -> tuple[dict, dict]:
+    """Seconds of each call over `rounds` interleaved rounds after a warm-up round, the order reversed every other
+    round (so that neither always goes first), and each call's warm-up value."""
+    times, first = {name: [] for name in calls}, {}
+    for round_ in range(rounds + 1):
+        for name in list(calls)[:: 1 if round_ % 2 else -1]:
+            value, seconds = timed(calls[name], device)
+            if round_:
+                times[name].append(seconds)
+            else:
+                first[name] = value
+    return times, first
+
+
 def reset_peak(device: str) -> int:
     """Start a peak-memory window; returns what is resident now (CUDA bytes allocated; 0 on the CPU)."""
     if not str(device).startswith("cuda"):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .retrieval import flair_scores, global_scores, topk_scores
+from .retrieval import autocast_context, flair_scores, global_scores, topk_scores
 
 MODES = ("flair", "topk", "global")
 # Published R@1 (FLAIR README; flair mode, amp): checkpoint -> benchmark -> (text->image, image->text)
@@ -147,10 +147,6 @@ def full_root_parameters(model):
         model.reshard()
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def encode_features(model, processor, dataset, captions, batch_size=64, device=None, autocast_dtype=None, progress=True) -> dict:
     """All captions' global embeddings; this rank's image shard's global embeddings and patch tokens (float32, CPU).
@@ -163,7 +159,7 @@ def encode_features(model, processor, dataset, captions, batch_size=64, device=N
     texts, images = shard_range(len(captions), rank, world_size), shard_range(len(dataset), rank, world_size)
     show = progress and rank == 0
     text_embeds, image_embeds, image_tokens = [], [], []
-    with _autocast(device, autocast_dtype):
+    with autocast_context(device, autocast_dtype):
         text_batches = batch_ranges(texts, batch_size, len(captions), world_size)
         for batch, keep in tqdm(text_batches, desc="encoding texts", unit="batch", disable=not show):
             embeds = model.get_text_embeds(processor(text=captions[batch.start : batch.stop])["input_ids"].to(device))

@@ -57,9 +57,14 @@ def text_conditioned_logits(pooling, keys_values, text_features, text_indices, l
     return logit_scale * (F.normalize(pooled, dim=-1) * texts).sum(-1) + logit_bias
 
 
+def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of `a` `(..., N, D)` with every row of `b` `(M, D)`: `(..., N, M)`."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
+
+
 def global_logits(image_features, text_features, logit_scale, logit_bias):
     """`(B, N)` CLIP-style logits of the global image embeddings against all texts, with the bias."""
-    return logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t() + logit_bias
+    return logit_scale * pairwise_cosine(image_features, text_features) + logit_bias
 
 
 def owned_by_image(text_rows: torch.Tensor, captions_per_image: int, num_images: int) -> torch.Tensor:

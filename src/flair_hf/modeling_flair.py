@@ -25,7 +25,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_flair import FlairConfig, FlairTextConfig, FlairVisionConfig
-from .loss import distributed_flair_loss, flair_loss
+from .loss import distributed_flair_loss, flair_loss, pairwise_cosine
 
 
 @dataclass
@@ -554,11 +554,6 @@ class FlairVisionModel(FlairPreTrainedModel):
 
 PAIR_IMAGE_CHUNK_SIZE = 16  # images x texts per block of (image, text) pairs: with 8 heads and 197 key slots, one
 PAIR_TEXT_CHUNK_SIZE = 1024  # block's attention weights take 16 * 8 * 1024 * 197 * 4 bytes = 103 MB in float32
-
-
-def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of `a` `(..., N, D)` with every row of `b` `(M, D)`: `(..., N, M)`."""
-    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
 
 
 def flair_cosine(text_conditioned_image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ The original's own loop (one pooling-block call per image, all texts as queries)
 `conversion/original_forward.py`.
 """
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +20,9 @@ def global_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torc
     return pairwise_cosine(image_embeds.float(), text_embeds.float())
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
+    """`torch.autocast` to `dtype` on `device`'s type, or no autocast when `dtype` is None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def output_norm_factors(pooling, blocks: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -82,7 +82,7 @@ def flair_scores(
     scores = torch.empty(image_token_embeds.shape[0], text_embeds.shape[0], device=device)  # copied to the CPU once
     columns, bias_norm = output_norm_factors(pooling)
     columns, bias_norm = [column.to(device) for column in columns], bias_norm.to(device)
-    with _autocast(device, autocast_dtype):
+    with autocast_context(device, autocast_dtype):
         normalized = F.normalize(text_embeds.to(device).float(), dim=-1)
         projected_texts = normalized @ pooling.out_proj.weight.float()  # W^T text_j, as rows
         text_bias = normalized @ pooling.out_proj.bias.float()
