@@ -1,6 +1,8 @@
 """Every attention implementation on the processor's real output (padding mask included): FLAIR's logits, text
-embeddings and pooled embeddings equal eager's. The flash path runs transformers' own `flash_attention_forward` with
-only the kernel replaced by an emulation of flash-attn's contract, checked first on transformers' CLIPModel."""
+embeddings and pooled embeddings equal eager's, and so do the text tower's states under a mask with a hole (where the
+2-D mask reaches the kernels). The flash paths (flash_attention_2 and _3) run transformers' own
+`flash_attention_forward` with only the kernel replaced by an emulation of flash-attn's contract, checked first on
+transformers' CLIPModel."""
 
 import pytest
 import torch
@@ -85,7 +87,7 @@ def _tensor(output):
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flex_attention"])
+@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"])
 def test_every_attention_implementation_equals_eager_with_a_padding_mask(tiny_dir, processed, implementation, emulated_flash):
     from flair_hf import FlairModel
 
@@ -97,8 +99,8 @@ def test_every_attention_implementation_equals_eager_with_a_padding_mask(tiny_di
         torch.testing.assert_close(getattr(other, name), getattr(eager, name), atol=2e-5, rtol=2e-5, msg=name)
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
-def test_text_tower_states_with_a_hole_in_the_padding_mask_equal_eager(tiny_dir, processed, implementation):
+@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"])
+def test_text_tower_states_with_a_hole_in_the_padding_mask_equal_eager(tiny_dir, processed, implementation, emulated_flash):
     """The full text tower (hidden states asked for) under a padding mask with a hole before the end-of-text token:
     every state that the mask keeps, and the pooled output, equal eager's (flex gets transformers' BlockMask)."""
     from flair_hf import FlairModel
