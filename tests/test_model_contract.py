@@ -1,5 +1,5 @@
 """What a transformers user does with any model, on FlairModel: sharded save/load round trips,
-`device_map="auto"`, `torch.compile` of the towers, deterministic initialisation."""
+`device_map="auto"`, `torch.compile` of the towers, `torch.export` of the image tower, deterministic initialisation."""
 
 import pytest
 import torch
@@ -45,6 +45,25 @@ def test_compiled_towers_equal_eager(tiny_model, inputs):
         text = torch.compile(tiny_model.get_text_embeds, backend="aot_eager", fullgraph=False)(ids)
         torch.testing.assert_close(image, tiny_model.get_image_embeds(pixels), atol=1e-5, rtol=0)
         torch.testing.assert_close(text, tiny_model.get_text_embeds(ids), atol=1e-5, rtol=0)
+
+
+def test_exported_image_tower_equals_eager_on_another_batch_size(tiny_model, inputs):
+    """`torch.export` of the image features (global embeddings and patch tokens) with a dynamic batch: the graph made
+    on 2 images gives eager's outputs on 5. (The text tower's export: `test_modeling.py`.)"""
+
+    class ImageFeatures(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model.get_image_and_token_features(pixel_values)
+
+    pixels = inputs[1]
+    with torch.no_grad():
+        exported = torch.export.export(ImageFeatures(tiny_model).eval(), (pixels[:2],), dynamic_shapes=({0: torch.export.Dim("images")},))
+        for got, expected in zip(exported.module()(pixels[1:]), tiny_model.get_image_and_token_features(pixels[1:]), strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_initialisation_is_deterministic_and_complete():

@@ -66,16 +66,29 @@ def test_loads_into_clip_model_with_only_flair_tensors_left(tiny_dir, tiny_model
     torch.testing.assert_close(clip_out.logits_per_image, flair_out.logits_per_image_as_clip, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_gives_same_gradients(tiny_dir, inputs):
+@pytest.mark.parametrize("objective", ["logits", "loss"])
+def test_gradient_checkpointing_gives_same_loss_and_gradients(tiny_dir, inputs, objective):
+    """Checkpointed layers give the same objective and gradients: the logits' sum, and the FLAIR training loss (whose
+    text tower runs packed, captions of different lengths)."""
     ids, pixels = inputs
-    gradients = []
+    if objective == "loss":  # 2 images x 3 captions
+        pixels, ids = pixels[:2], ids_ending_at([5, 30, 12, 76, 9, 20], torch.Generator().manual_seed(0))
+    values, gradients = [], []
     for checkpointing in (False, True):
         model = FlairModel.from_pretrained(tiny_dir).train()
         if checkpointing:
             model.activation_checkpointing_enable()
             assert all(layer.gradient_checkpointing for layer in model.vision_model.encoder.layers)
-        model(input_ids=ids, pixel_values=pixels).logits_per_image.sum().backward()
+            assert all(layer.gradient_checkpointing for layer in model.text_model.encoder.layers)
+        torch.manual_seed(0)  # the loss's sampled negatives
+        if objective == "loss":
+            value = model(input_ids=ids, pixel_values=pixels, return_loss=True, captions_per_image=3).loss
+        else:
+            value = model(input_ids=ids, pixel_values=pixels).logits_per_image.sum()
+        value.backward()
+        values.append(value.detach())
         gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(values[1], values[0], atol=0, rtol=1e-6)
     assert len(gradients[0]) == len(list(model.parameters()))
     for name in gradients[0]:
         torch.testing.assert_close(gradients[0][name], gradients[1][name], atol=1e-5, rtol=1e-4)
