@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModel, CLIPModel
 
-from flair_hf import FlairModel
+from flair_hf import FlairConfig, FlairModel
 from flair_hf_benchmarks.synthetic import ids_ending_at
 
 
@@ -112,7 +112,6 @@ def test_text_embeddings_cut_at_end_of_text_equal_full_length():
     """`get_text_embeds` runs one call cut at the longest text, every layer but the last on the positions up to each
     end-of-text token alone (packed rows), the last at the end-of-text tokens; the embeddings, their gradients and a
     padding mask's effect equal the full 77-token pass."""
-    from flair_hf import FlairConfig
 
     small = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2}
     config = FlairConfig(projection_dim=16, text_config={**small, "num_hidden_layers": 3}, vision_config={**small, "num_hidden_layers": 1})
@@ -231,13 +230,29 @@ def test_half_precision_loading(tiny_dir, inputs, dtype, tiny_model):
     assert error <= tolerance, (error, tolerance)
 
 
-def test_no_split_modules_and_input_embeddings(tiny_model):
-    assert "FlairEncoderLayer" in tiny_model._no_split_modules
+def test_device_maps_keep_residual_blocks_whole(tiny_model):
+    """A device map built with the model's `_no_split_modules` (as `device_map="auto"` builds it) spreads a model over
+    three devices without splitting an encoder layer, an embeddings module or the pooling head (each adds a residual
+    or positions across its children)."""
+    from accelerate import infer_auto_device_map
+
+    from flair_hf.modeling_flair import FlairEncoderLayer, FlairTextConditionedPooling, FlairTextEmbeddings, FlairVisionEmbeddings
+
+    small = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 2}
+    text = {**small, "vocab_size": 1000, "bos_token_id": 998, "eos_token_id": 999}
+    model = FlairModel(FlairConfig(projection_dim=64, text_config=text, vision_config={**small, "image_size": 32, "patch_size": 8}))
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    device_map = infer_auto_device_map(model, max_memory={0: size // 3, 1: size // 3, "cpu": 10 * size},
+                                       no_split_module_classes=model._no_split_modules)  # fmt: skip
+    assert set(device_map.values()) == {0, 1, "cpu"}  # really spread
+    whole = (FlairEncoderLayer, FlairTextConditionedPooling, FlairTextEmbeddings, FlairVisionEmbeddings)
+    blocks = [name for name, module in model.named_modules() if isinstance(module, whole)]
+    split = [key for key in device_map if any(key.startswith(block + ".") for block in blocks)]
+    assert not split, split
     assert tiny_model.get_input_embeddings() is tiny_model.text_model.embeddings.token_embedding
 
 
 def test_random_init_from_config_is_finite():
-    from flair_hf import FlairConfig
 
     config = FlairConfig(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
@@ -256,7 +271,6 @@ def test_config_defaults_are_the_released_architecture_and_validated():
     import json
 
     from conftest import FIXTURES, converter
-    from flair_hf import FlairConfig
 
     config = FlairConfig()
     manifest = json.loads((FIXTURES / "vit-b-16-flair-state-dict-manifest.json").read_text())
