@@ -100,7 +100,9 @@ def test_every_attention_implementation_equals_eager_with_a_padding_mask(tiny_di
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"])
-def test_text_tower_states_with_a_hole_in_the_padding_mask_equal_eager(tiny_dir, processed, implementation, emulated_flash):
+def test_text_tower_states_with_a_hole_in_the_padding_mask_equal_eager(
+    tiny_dir, processed, implementation, emulated_flash
+):
     """The full text tower (hidden states asked for) under a padding mask with a hole before the end-of-text token:
     every state that the mask keeps, and the pooled output, equal eager's (flex gets transformers' BlockMask)."""
     from flair_hf import FlairModel

@@ -30,7 +30,8 @@ def test_reference_parity_on_cuda(tiny_dir, tiny_reference, no_tf32):
 def installed_implementations() -> list[str]:
     """eager first, then every other implementation whose kernel is installed."""
     kernels = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
-    return ["eager", "sdpa", "flex_attention"] + [name for name, module in kernels.items() if importlib.util.find_spec(module)]
+    installed = [name for name, module in kernels.items() if importlib.util.find_spec(module)]
+    return ["eager", "sdpa", "flex_attention", *installed]
 
 
 def padding_mask(ids: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,8 @@ def test_attention_implementations_agree_in_half_precision(tiny_dir, tiny_refere
     for implementation in implementations:
         model = FlairModel.from_pretrained(tiny_dir, dtype=dtype, attn_implementation=implementation).cuda().eval()
         with torch.no_grad():
-            logits[implementation] = model(input_ids=ids, pixel_values=pixels, attention_mask=padding_mask(ids)).logits_per_image.float()
+            output = model(input_ids=ids, pixel_values=pixels, attention_mask=padding_mask(ids))
+        logits[implementation] = output.logits_per_image.float()
     tolerance = 8 * torch.finfo(dtype).eps  # relative (norm) error: a few rounding steps of the dtype
     for implementation in implementations[1:]:
         error = torch.linalg.vector_norm(logits[implementation] - logits["eager"]) / torch.linalg.vector_norm(logits["eager"])

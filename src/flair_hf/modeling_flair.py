@@ -481,7 +481,8 @@ class FlairTextModel(FlairPreTrainedModel):
         if calls == 1:
             return self._pooled_packed(input_ids, ends)
         order = ends.argsort()
-        embedded = self.embeddings(input_ids[:, : int(ends.max()) + 1])  # once: one dense embedding gradient, not one a call
+        # the embeddings run once for all calls: one dense token-embedding gradient, not one per call
+        embedded = self.embeddings(input_ids[:, : int(ends.max()) + 1])
         groups = order.tensor_split(calls)
         pooled = [self._pooled_packed(input_ids[group], ends[group], embedded[group]) for group in groups]
         return torch.cat(pooled)[order.argsort()]

@@ -64,8 +64,8 @@ def _image(item):
         return open_image(item)
     if isinstance(item, np.ndarray):
         return array_to_image(item)
-    raise TypeError(f"FlairOnnxModel got a {type(item).__name__} image; pass a PIL image, a file path or a NumPy array "
-                    "(H, W), (H, W, C) or (C, H, W)")  # fmt: skip
+    raise TypeError(f"FlairOnnxModel got a {type(item).__name__} image; pass a PIL image, a file path or a NumPy "
+                    "array (H, W), (H, W, C) or (C, H, W)")
 
 
 class FlairOnnxModel:

@@ -42,8 +42,8 @@ def array_to_image(array) -> Image.Image:
     if array.ndim == 3 and array.shape[0] in IMAGE_CHANNELS and array.shape[-1] not in IMAGE_CHANNELS:
         array = array.transpose(1, 2, 0)  # channels first
     if not (array.ndim == 2 or array.ndim == 3 and array.shape[-1] in IMAGE_CHANNELS) or 0 in array.shape:
-        raise ValueError(f"an image array of shape {tuple(array.shape)}: pass (H, W), (H, W, C) or (C, H, W) with C = 1 "
-                         "(gray), 3 (RGB) or 4 (RGBA), or a batch (N, ...) of them as a list")  # fmt: skip
+        raise ValueError(f"an image array of shape {tuple(array.shape)}: pass (H, W), (H, W, C) or (C, H, W) with "
+                         "C = 1 (gray), 3 (RGB) or 4 (RGBA), or a batch (N, ...) of them as a list")
     array = _pixel_bytes(array)
     return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
 
@@ -59,8 +59,8 @@ def _pixel_bytes(array: np.ndarray) -> np.ndarray:
         return array.astype(np.uint8)
     if 0 <= low and high <= 1:
         return (array.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
-    raise ValueError(f"an image array of {array.dtype} with values in [{low:g}, {high:g}]: pass uint8 (0-255) or floats "
-                     "in [0, 1]")  # fmt: skip
+    raise ValueError(f"an image array of {array.dtype} with values in [{low:g}, {high:g}]: pass uint8 (0-255) or "
+                     "floats in [0, 1]")
 
 
 def open_image(path) -> Image.Image:
