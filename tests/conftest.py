@@ -21,6 +21,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class MethodAsModule(torch.nn.Module):
+    """A one-input method of a model as a module's `forward` (what `torch.jit.trace` and `torch.export` take)."""
+
+    def __init__(self, model, method: str):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, inputs):
+        return getattr(self.model, self.method)(inputs)
+
+
 # the harness for transformers' common tests runs in its own directory (tests/test_transformers_common.py), not here
 collect_ignore = ["transformers_common"]
 

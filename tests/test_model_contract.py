@@ -6,6 +6,8 @@ import torch
 
 from flair_hf import FlairConfig, FlairModel
 
+from conftest import MethodAsModule
+
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
@@ -50,18 +52,9 @@ def test_compiled_towers_equal_eager(tiny_model, inputs):
 def test_exported_image_tower_equals_eager_on_another_batch_size(tiny_model, inputs):
     """`torch.export` of the image features (global embeddings and patch tokens) with a dynamic batch: the graph made
     on 2 images gives eager's outputs on 5. (The text tower's export: `test_modeling.py`.)"""
-
-    class ImageFeatures(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):
-            return self.model.get_image_and_token_features(pixel_values)
-
-    pixels = inputs[1]
+    pixels, features = inputs[1], MethodAsModule(tiny_model, "get_image_and_token_features").eval()
     with torch.no_grad():
-        exported = torch.export.export(ImageFeatures(tiny_model).eval(), (pixels[:2],), dynamic_shapes=({0: torch.export.Dim("images")},))
+        exported = torch.export.export(features, (pixels[:2],), dynamic_shapes=({0: torch.export.Dim("images")},))
         for got, expected in zip(exported.module()(pixels[1:]), tiny_model.get_image_and_token_features(pixels[1:]), strict=True):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

@@ -7,6 +7,8 @@ from transformers import AutoModel, CLIPModel
 from flair_hf import FlairConfig, FlairModel
 from flair_hf_benchmarks.synthetic import ids_ending_at
 
+from conftest import MethodAsModule
+
 
 @pytest.fixture(scope="module")
 def inputs(tiny_reference):
@@ -190,16 +192,7 @@ def test_captions_of_equal_length_run_unpacked(tiny_dir):
 def test_traced_or_exported_text_features_do_not_bake_in_example_lengths(tiny_model):
     """Tracing or exporting runs one call over every position: a graph made on 4 short captions stays right on 6
     long ones."""
-
-    class TextFeatures(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model.get_text_embeds(input_ids)
-
-    wrapper = TextFeatures(tiny_model).eval()
+    wrapper = MethodAsModule(tiny_model, "get_text_embeds").eval()
     generator = torch.Generator().manual_seed(0)
     short, long = ids_ending_at([3, 5, 4, 6], generator), ids_ending_at([40, 70, 12, 76, 9, 33], generator)  # other batch size too
     with torch.no_grad():
