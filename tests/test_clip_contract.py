@@ -121,3 +121,33 @@ def test_loss_output_embeddings_are_normalised(models, batch):
     for embeds in (output.text_embeds, output.image_embeds):
         torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(2), atol=1e-6, rtol=0)
     torch.testing.assert_close(output.text_embeds, F.normalize(flair.get_text_embeds(batch["input_ids"][:2]), dim=-1), atol=1e-6, rtol=0)
+
+
+
+@pytest.mark.parametrize("return_loss", [False, True])
+def test_tuple_positions_are_clips_whatever_is_none(models, batch, return_loss):
+    """Each CLIPOutput field sits at CLIPModel's tuple index, with and without a loss (FLAIR's logits are None then)."""
+    from transformers.models.clip.modeling_clip import CLIPOutput
+
+    flair, clip = models
+    inputs = {key: batch[key][:2] for key in ("input_ids", "attention_mask")} | {"pixel_values": batch["pixel_values"]}
+    options = {"captions_per_image": 1, "loss_across_ranks": False} if return_loss else {}
+    with torch.no_grad():
+        ours, ours_dict = flair(**inputs, return_loss=return_loss, return_dict=False, **options), flair(**inputs, return_loss=return_loss, **options)
+        theirs, theirs_dict = clip(**inputs, return_loss=return_loss, return_dict=False), clip(**inputs, return_loss=return_loss)
+    clip_slots = [name for name in CLIPOutput.__dataclass_fields__ if getattr(theirs_dict, name) is not None]
+    assert len(theirs) == len(clip_slots) == 6 + return_loss
+    for index, name in enumerate(clip_slots):
+        expected = getattr(ours_dict, name)
+        if name.endswith("model_output"):  # a tower's output, as its own tuple
+            assert isinstance(theirs[index], tuple), (index, name)
+            ours_slot, expected = ours[index][0], expected.to_tuple()[0]
+        else:
+            assert torch.is_tensor(theirs[index]), (index, name)
+            ours_slot = ours[index]
+        if expected is None:  # FLAIR's logits under return_loss=True: the slot is kept, empty
+            assert ours_slot is None and return_loss and name.startswith("logits"), (index, name)
+        else:
+            torch.testing.assert_close(ours_slot, expected, atol=0, rtol=0, msg=f"slot {index} is not {name}")
+    if not return_loss:  # FLAIR's own fields follow CLIP's
+        torch.testing.assert_close(ours[6], ours_dict.logits_per_image_as_clip, atol=0, rtol=0)

@@ -5,6 +5,7 @@ loads into `CLIPModel` (for global, CLIP-style matching) with only `text_conditi
 left over. This file is self-contained: it does not import transformers' CLIP modules.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,13 +29,18 @@ from .configuration_flair import FlairConfig, FlairTextConfig, FlairVisionConfig
 from .loss import distributed_flair_loss, flair_loss, pairwise_cosine
 
 
+CLIP_OUTPUT_SLOTS = ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds", "text_model_output", "vision_model_output")  # fmt: skip
+
+
 @dataclass
 class FlairOutput(ModelOutput):
     r"""
     Output of [`FlairModel.forward`] for `B` images and `T` texts (`D` = projection dim, `L` = patch tokens).
 
-    The first seven fields are `CLIPOutput`'s, in its order (also in the `return_dict=False` tuple, where `None`
-    fields are left out); FLAIR's own follow.
+    The first seven fields are `CLIPOutput`'s, in its order; FLAIR's own follow. The `return_dict=False` tuple has
+    CLIP's positions: `loss` first when there is one, then CLIP's six other fields, each in its slot even when `None`
+    (e.g. the logits under `return_loss=True`), then FLAIR's fields that are set. Single-tower calls, which CLIP has
+    no output for, give only the fields that are set (the embeddings first).
 
     loss (with `return_loss=True`): the FLAIR training loss (see `flair_hf.loss`); the logits are then not computed.
     logits_per_image (`(B, T)`): FLAIR logits, `exp(logit_scale) * cos(pool(text_j | image_i), text_j) + logit_bias`
@@ -69,9 +75,12 @@ class FlairOutput(ModelOutput):
     pooling_attentions: torch.FloatTensor | None = None
 
     def to_tuple(self):
-        return tuple(
-            self[k].to_tuple() if k in ("text_model_output", "vision_model_output") else self[k] for k in self.keys()
-        )
+        both_towers = self.text_embeds is not None and self.image_embeds is not None
+        values = [
+            getattr(self, field.name) for field in dataclasses.fields(self)
+            if getattr(self, field.name) is not None or both_towers and field.name in CLIP_OUTPUT_SLOTS
+        ]  # fmt: skip
+        return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in values)
 
 
 def eager_attention_forward(
