@@ -310,6 +310,46 @@ def test_two_processes_with_two_workers_count_every_skipped_sample_and_use_the_o
     assert records[-1]["corrupt_shards"] == 0 and records[-1]["unusable_captions"] == 0
 
 
+def resume_from(whole, resumed, step):
+    """A new output directory holding only the uninterrupted run's checkpoint of `step`; its data positions."""
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.symlink(whole / "checkpoints" / f"step_{step}", resumed / "checkpoints" / f"step_{step}")
+    state = json.loads((whole / "checkpoints" / f"step_{step}" / "trainer_state.json").read_text())
+    return [(p["epoch"], p["step_in_epoch"], p["batches_in_epoch"]) for p in state.get("data_positions", [])]
+
+
+def test_resume_after_an_epoch_ends_inside_an_accumulated_step_replays_the_same_data(data, tmp_path):
+    """32 samples = 8 micro-batches of 4 an epoch, 3 per step: step 3 takes micro-batches 6 and 7 of epoch 0 and the
+    first of epoch 1, so a resume at step 3 skips 1 micro-batch of epoch 1 (not 3 steps' worth)."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    options = ["--train-num-samples", "48", "--gradient-accumulation-steps", "3", "--max-steps", "5", "--checkpoint-every", "3"]
+    run([sys.executable] + train_args(data, whole, *options))
+    positions = resume_from(whole, resumed, 3)
+    run([sys.executable] + train_args(data, resumed, *options, "--resume", "latest"))
+    assert losses(resumed) == losses(whole)[3:] and len(losses(resumed)) == 2
+    assert positions == [(1, 1, 1)]
+
+
+def test_ranks_whose_shards_differ_in_size_each_resume_at_their_own_place(tmp_path):
+    """DDP, 2 ranks x 2 workers; rank 0's shards hold 8 + 4 samples (3 micro-batches an epoch), rank 1's 8 + 8 (4).
+    With 3 micro-batches a step, at step 2 rank 0 has taken 3 of epoch 1 and rank 1 2: each resumes from its own."""
+    for index, count in enumerate((8, 8, 4, 8)):
+        write_shard(tmp_path / f"train-{index}.tar", index * 8, count)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = [TRAIN, "--config", TINY, "--train-data", f"{tmp_path}/train-{{0..3}}.tar", "--train-num-samples", "48",
+            "--workers", "2", "--gradient-accumulation-steps", "3", "--max-steps", "4", "--checkpoint-every", "2"]  # fmt: skip
+    launch("ddp_cpu.yaml", args + ["--output-dir", str(whole)])
+    positions = resume_from(whole, resumed, 2)
+    launch("ddp_cpu.yaml", args + ["--output-dir", str(resumed), "--resume", "latest"])
+    assert losses(resumed) == losses(whole)[2:] and len(losses(resumed)) == 2
+    assert positions == [(1, 1, 3), (1, 1, 2)]
+    one_process = subprocess.run([sys.executable] + args + ["--output-dir", str(resumed), "--resume", str(whole / "checkpoints" / "step_2")],
+                                 capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert one_process.stderr.strip().splitlines()[-1] == (
+        f"error: {whole / 'checkpoints' / 'step_2'} was written by 2 processes: resume it with 2, not 1"
+    )
+
+
 KILL_WHILE_SAVING = """
 import os, signal
 import accelerate

@@ -547,6 +547,31 @@ def schedule_length(checkpoint_state: dict | None, total_steps: int, config: Tra
     return saved
 
 
+POSITION_FIELDS = ("epoch", "step_in_epoch", "batches_in_epoch")
+
+
+def gather_positions(accelerator, position: dict, stats_at_epoch_start: dict) -> list[dict]:
+    """Every rank's data position (epoch, steps and micro-batches taken from that epoch's loader, the rank's skipped
+    data counts when the epoch began), gathered on every rank: ranks whose shards hold different numbers of samples
+    are at different places, and a rank's loader (its workers in their fixed order) replays exactly its own."""
+    values = [position[key] for key in POSITION_FIELDS] + list(stats_at_epoch_start.values())
+    gathered = accelerator.gather(torch.tensor([values], dtype=torch.int64, device=accelerator.device)).tolist()
+    return [
+        {**dict(zip(POSITION_FIELDS, row)), "stats_at_epoch_start": dict(zip(stats_at_epoch_start, row[len(POSITION_FIELDS):]))}
+        for row in gathered
+    ]  # fmt: skip
+
+
+def resumed_position(state: dict, checkpoint: Path, rank: int, world_size: int) -> dict:
+    """This rank's data position in a checkpoint written by as many processes."""
+    positions = state.get("data_positions")
+    if positions is None:
+        raise ConfigError(f"{checkpoint} has no per-rank data positions (written by an older flair-hf): start a new run")
+    if len(positions) != world_size:
+        raise ConfigError(f"{checkpoint} was written by {len(positions)} processes: resume it with {len(positions)}, not {world_size}")
+    return positions[rank]
+
+
 def train(config: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -595,13 +620,14 @@ def train(config: TrainConfig) -> dict:
     if report_to:
         accelerator.init_trackers("flair", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
 
-    step, epoch, step_in_epoch = 0, 0, 0
-    stats_base = dict.fromkeys(stream.stats.FIELDS, 0)
+    step, position = 0, dict.fromkeys(POSITION_FIELDS, 0)
+    stats_base = dict.fromkeys(stream.stats.FIELDS, 0)  # this rank's counts before this process started
     if checkpoint is not None:
-        stats_base.update(state.get("data_stats_at_epoch_start", {}))
+        position = resumed_position(state, checkpoint, rank, world_size)
+        stats_base.update(position.pop("stats_at_epoch_start"))
         accelerator.load_state(str(checkpoint))
-        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        accelerator.print(f"resumed from {checkpoint} at step {step} (epoch {epoch}, batch {step_in_epoch})")
+        step = state["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {step} (main process: epoch {position['epoch']}, micro-batch {position['batches_in_epoch']})")
         fused = bool(optimizer.param_groups[0].get("fused"))  # load_state restores the checkpoint's groups
         if fused != config.fused_adamw:
             accelerator.print(f"AdamW keeps the checkpoint's kernel (fused: {str(fused).lower()}), so the run continues as it began")
@@ -612,19 +638,24 @@ def train(config: TrainConfig) -> dict:
     losses_path = output_dir / "losses.jsonl"
     unwrapped = accelerator.unwrap_model(model)
     model.train()
-    eval_metrics, last_eval_step, data_stats = {}, (state or {}).get("last_eval_step"), dict(stats_base)
+    eval_metrics, last_eval_step = {}, (state or {}).get("last_eval_step")
     step_start, data_wait, micro_losses = None, 0.0, []  # of the step being accumulated (it may span epochs)
+
+    def rank_stats() -> dict:  # this rank's skipped-data counts since the run began
+        return {key: stats_base[key] + value for key, value in stream.stats.as_dict().items()}
+
     with tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="training") as progress:
         while step < total_steps:
-            stats_at_epoch_start = dict(data_stats)
-            stream.set_epoch(epoch)
+            stats_at_epoch_start = rank_stats()
+            stream.set_epoch(position["epoch"])
             batches = iter(loader)
-            for _ in range(step_in_epoch * config.gradient_accumulation_steps):
-                next(batches)  # same data order as an uninterrupted run
+            for _ in range(position["batches_in_epoch"]):
+                next(batches)  # the micro-batches this rank took from this epoch before the checkpoint
             wait_start = time.perf_counter()
             batches_seen = 0
             for batch in batches:
                 batches_seen += 1
+                position["batches_in_epoch"] += 1
                 data_wait += time.perf_counter() - wait_start
                 step_start = step_start or wait_start  # the step's first micro-batch began waiting for its data
                 lr = learning_rate(step, config.lr, config.warmup_steps, schedule_steps)
@@ -646,12 +677,12 @@ def train(config: TrainConfig) -> dict:
                     continue
                 with torch.no_grad():
                     unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-                step, step_in_epoch = step + 1, step_in_epoch + 1
-                counts = stream.stats.as_dict()  # this rank's workers, since this process started
+                step, position["step_in_epoch"] = step + 1, position["step_in_epoch"] + 1
+                counts = rank_stats()
                 step_loss = torch.stack(micro_losses).mean().item()  # over the step's micro-batches
                 summed = accelerator.reduce(torch.tensor([step_loss, *counts.values()], dtype=torch.float64, device=accelerator.device), "sum")
                 loss = summed[0].item() / world_size
-                data_stats = {key: stats_base[key] + round(value) for key, value in zip(counts, summed[1:].tolist())}
+                data_stats = {key: round(value) for key, value in zip(counts, summed[1:].tolist())}
                 samples_per_second = config.batch_size * len(micro_losses) / max(time.perf_counter() - step_start, 1e-9)
                 metrics = {
                     "loss": loss, "lr": lr,
@@ -672,22 +703,24 @@ def train(config: TrainConfig) -> dict:
                     eval_metrics = evaluate_during_training(accelerator, model, processor, eval_benchmarks, config, step, output_dir)
                     last_eval_step = step
                 if step % config.checkpoint_every == 0 or step == total_steps:
-                    epoch_done = step_in_epoch >= per_epoch  # a resume then starts the next epoch, as this run does
+                    if position["step_in_epoch"] >= per_epoch:  # a resume then starts the next epoch, as this run does
+                        saved, saved_stats = {"epoch": position["epoch"] + 1, "step_in_epoch": 0, "batches_in_epoch": 0}, counts
+                    else:
+                        saved, saved_stats = position, stats_at_epoch_start
                     trainer_state = {
-                        "step": step, "epoch": epoch + epoch_done, "step_in_epoch": 0 if epoch_done else step_in_epoch,
-                        "schedule_steps": schedule_steps, "last_eval_step": last_eval_step,
-                        "data_stats_at_epoch_start": data_stats if epoch_done else stats_at_epoch_start,
+                        "step": step, "schedule_steps": schedule_steps, "last_eval_step": last_eval_step,
+                        "data_positions": gather_positions(accelerator, saved, saved_stats),
                     }  # fmt: skip
                     save_checkpoint(accelerator, output_dir / "checkpoints" / f"step_{step}", trainer_state)
-                if step >= total_steps or step_in_epoch >= per_epoch:
+                if step >= total_steps or position["step_in_epoch"] >= per_epoch:
                     break
                 wait_start = time.perf_counter()
-            if batches_seen == 0 and step_in_epoch == 0:
+            if batches_seen == 0 and position["step_in_epoch"] == 0:
                 raise ConfigError(
-                    f"rank {rank} got no full batch of {config.batch_size} in epoch {epoch}: its shards hold fewer samples; "
+                    f"rank {rank} got no full batch of {config.batch_size} in epoch {position['epoch']}: its shards hold fewer samples; "
                     "use more, smaller shards (prepare_data.py --samples-per-shard), fewer processes or workers, or a smaller --batch-size"
                 )
-            epoch, step_in_epoch = epoch + 1, 0
+            position = {"epoch": position["epoch"] + 1, "step_in_epoch": 0, "batches_in_epoch": 0}
     if eval_benchmarks and last_eval_step != step:
         eval_metrics = evaluate_during_training(accelerator, model, processor, eval_benchmarks, config, step, output_dir)
 
