@@ -1,13 +1,20 @@
 """The demo page (`demo/app.py`) in a real browser: headless Chromium (Debian's chromium and chromium-driver, through
 selenium) drives each tab as a person would, and the numbers shown must be the library's. Saves a screenshot per tab
-(also to $FLAIR_DEMO_SCREENSHOTS when set, which is how the README's pictures were made)."""
+(also to $FLAIR_DEMO_SCREENSHOTS when set, which is how the README's pictures were made). Through its API (gradio's
+own client and raw HTTP) the page serves nothing from the server but the operator's gallery, and stays correct under
+concurrent clients."""
 
 import importlib.util
+import json
 import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -26,12 +33,26 @@ IMAGE = FIXTURES / "images" / "puppy.jpg"
 CAPTIONS = ["a small white puppy", "a red ladybug on green beads", "a white door"]
 
 
+GALLERY = ("puppy.jpg", "arsenal.jpg", "tall_300x500.png", "wide_640x360.png")
+
+
 @pytest.fixture(scope="module")
-def served(tiny_dir):
+def gallery_dir(tmp_path_factory):
+    """The operator's gallery: four fixture photos and one file that is not an image."""
+    folder = tmp_path_factory.mktemp("gallery")
+    for name in GALLERY:
+        shutil.copy(FIXTURES / "images" / name, folder / name)
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir, gallery_dir):
     model, processor, random_weights = app.load(str(tiny_dir))
-    page = app.build(model, processor, random_weights)
+    gallery = app.index_images(model, processor, app.gallery_paths(str(gallery_dir), app.GALLERY_LIMIT))
+    page = app.build(model, processor, random_weights, gallery)
     port = free_port()
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.serve(page, port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}", model, processor
     page.close()
 
@@ -161,20 +182,159 @@ def test_segment_tab_shows_a_mask_and_a_legend(served, browser, tmp_path):
     screenshot(browser, "segment", tmp_path)
 
 
-def test_search_tab_reranks_a_folder_by_flair(served, browser, tmp_path):
+def expected_search(model, processor, names, query):
+    """Independently: each image's global cosine with the query, and the cosine of its query-conditioned pooled
+    embedding (the pooling head called directly) with the query."""
+    with torch.no_grad():
+        text = model.get_text_embeds(processor(text=[query])["input_ids"])
+        scores = {}
+        for name in names:
+            image_embeds, tokens = model.get_image_and_token_features(processor(images=Image.open(FIXTURES / "images" / name))["pixel_values"])
+            pooled = model.text_conditioned_pooling(text, tokens)[0][0, 0]
+            scores[name] = (F.cosine_similarity(pooled, text[0], dim=0).item(), F.cosine_similarity(image_embeds[0], text[0], dim=0).item())
+    return scores
+
+
+def assert_search_rows(shown, expected, top):
+    by_global = sorted(expected, key=lambda name: expected[name][1], reverse=True)[:top]
+    assert sorted(row[0] for row in shown) == sorted(by_global)  # the top by global cosine ...
+    assert [float(row[1]) for row in shown] == sorted((float(row[1]) for row in shown), reverse=True)  # ... by FLAIR
+    for name, flair, global_cosine in shown:
+        assert float(flair) == pytest.approx(expected[name][0], abs=1e-4), name
+        assert float(global_cosine) == pytest.approx(expected[name][1], abs=1e-4), name
+
+
+def test_search_tab_reranks_the_operators_gallery_by_flair(served, browser, tmp_path):
     url, model, processor = served
     open_tab(browser, url, "Search")
-    find(browser, "#search-folder textarea, #search-folder input").send_keys(str(FIXTURES / "images"))
+    note = find(browser, "#search-gallery-note").text
+    assert note.startswith("The gallery holds 4 images (skipped: broken.png (Cannot read broken.png as an image"), note
     find(browser, "#search-text textarea, #search-text input").send_keys("a small white puppy")
     find(browser, "#search-run").click()
     shown = rows(browser, "search-results")
-    assert len(shown) == min(8, len([p for p in (FIXTURES / "images").iterdir() if p.suffix.lower() in app.IMAGE_SUFFIXES]))
-    for name, flair, _ in shown:
-        expected = FlairScorer(model, processor).score(str(FIXTURES / "images" / name), ["a small white puppy"])["logits"][0, 0].item()
-        assert float(flair) == pytest.approx(expected, abs=1e-4), name
-    assert [float(r[1]) for r in shown] == sorted((float(r[1]) for r in shown), reverse=True)
+    assert len(shown) == len(GALLERY)
+    assert_search_rows(shown, expected_search(model, processor, GALLERY, "a small white puppy"), len(GALLERY))
     find(browser, "#search-maps img")
     screenshot(browser, "search", tmp_path)
+
+
+def test_search_of_uploads_skips_and_names_an_unreadable_one(served, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, model, processor = served
+    open_tab(browser, url, "Search")
+    broken = tmp_path / "notes.png"
+    broken.write_bytes(b"not a png")
+    uploads = [FIXTURES / "images" / "puppy.jpg", FIXTURES / "images" / "arsenal.jpg", broken]
+    find(browser, "#search-uploads input[type=file]").send_keys("\n".join(str(p) for p in uploads))
+    next(label for label in browser.find_elements(By.CSS_SELECTOR, "#search-source label") if label.text.strip() == "uploads").click()
+    find(browser, "#search-text textarea, #search-text input").send_keys("a red ladybug")
+    time.sleep(1)  # the uploads reach the server
+    find(browser, "#search-run").click()
+    wait_for_text(browser, "Skipped notes.png (Cannot read notes.png as an image")
+    shown = rows(browser, "search-results")
+    assert_search_rows(shown, expected_search(model, processor, ["puppy.jpg", "arsenal.jpg"], "a red ladybug"), 8)
+
+
+def call_api(url, endpoint, data):
+    """One raw call of the page's HTTP API (as any client could make it, no gradio_client): its event stream."""
+    request = urllib.request.Request(f"{url}/gradio_api/call/{endpoint}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}"
+    return urllib.request.urlopen(f"{url}/gradio_api/call/{endpoint}/{event}", timeout=60).read().decode()
+
+
+def test_the_api_reads_nothing_outside_the_gallery(served, tmp_path):
+    """A visitor naming server paths (an image, a folder, a missing file) gets the same empty error for each: no
+    names, no scores, no image; the file route refuses them; no endpoint takes a folder."""
+    url, _, _ = served
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    Image.new("RGB", (64, 64), "red").save(secret / "password.png")
+    answers = {
+        path: call_api(url, "search", ["uploads", [{"path": str(path), "meta": {"_type": "gradio.FileData"}}], "a dog", 8, "attention"])
+        for path in (secret / "password.png", secret, secret / "missing.png", ROOT / "README.md")
+    }  # fmt: skip
+    assert len(set(answers.values())) == 1, answers  # existing or not, file or folder: one answer
+    answer = next(iter(answers.values()))
+    assert answer.startswith("event: error") and "password" not in answer and "search-results" not in answer, answer
+    for path in (secret / "password.png", secret / "missing.png"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/gradio_api/file={path}", timeout=30)
+        assert refused.value.code == 403
+    from gradio_client import Client
+
+    api = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(api) == {"/captions", "/classify", "/segment", "/search"}
+    assert [p["label"] for p in api["/search"]["parameters"]][:2] == ["search", f"your images (up to {app.MAX_UPLOADS})"]
+
+
+def test_uploads_over_the_caps_are_one_line_messages(served, tmp_path):
+    url, _, _ = served
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (7000, 6000)).save(big)  # 42 million pixels, a small file
+    too_many = [handle_file(str(FIXTURES / "images" / "puppy.jpg"))] * (app.MAX_UPLOADS + 1)
+    for uploads, message in (
+        (too_many, f"{app.MAX_UPLOADS + 1} images uploaded, over the limit of {app.MAX_UPLOADS}: upload fewer."),
+        ([handle_file(str(big))], "None of the images could be read: upload JPEG, PNG, WebP or BMP files."),
+    ):
+        with pytest.raises(Exception) as error:
+            client.predict("uploads", uploads, "a dog", 8, "attention", api_name="/search")
+        assert str(error.value).strip() == message
+    with pytest.raises(Exception) as error:
+        client.predict(handle_file(str(big)), "a dog", "attention", api_name="/captions")
+    assert str(error.value).strip() == "big.png has over 40 million pixels: upload a smaller image."
+    oversized = tmp_path / "oversized.png"
+    oversized.write_bytes(b"\0" * (app.MAX_IMAGE_MEGABYTES * 2**20 + 1))
+    with pytest.raises(Exception) as error:  # refused by the server's upload limit, before any code of ours
+        client.predict(handle_file(str(oversized)), "a dog", "attention", api_name="/captions")
+    assert "exceeds" in str(error.value).lower() or "too large" in str(error.value).lower(), str(error.value)
+
+
+def table_rows(page_html):
+    return [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(<td>.*?)</tr>", page_html)]
+
+
+def test_eight_concurrent_clients_all_get_the_librarys_scores(served):
+    """8 gradio clients x 5 requests at once (captions and gallery search in turn): every answer equals the library's,
+    and the server's memory stays bounded (the model runs one call at a time)."""
+    url, model, processor = served
+    from gradio_client import Client, handle_file
+
+    expected_captions = FlairScorer(model, processor).score(str(IMAGE), CAPTIONS)["logits"][0]
+    expected_gallery = expected_search(model, processor, GALLERY, "a small white puppy")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    failures, answered = [], []
+
+    def visitor(number):
+        client = Client(url, verbose=False)
+        for request in range(5):
+            try:
+                if (number + request) % 2:
+                    table = client.predict(handle_file(str(IMAGE)), "\n".join(CAPTIONS), "attention", api_name="/captions")[0]
+                    shown = {caption: float(flair) for caption, flair, _, _ in table_rows(table)}
+                    assert shown == pytest.approx(dict(zip(CAPTIONS, expected_captions.tolist())), abs=1e-4)
+                else:
+                    table = client.predict("gallery", None, "a small white puppy", 8, "similarity", api_name="/search")[0]
+                    assert_search_rows(table_rows(table), expected_gallery, len(GALLERY))
+                answered.append(number)
+            except Exception as error:  # noqa: BLE001 (collected, reported below)
+                failures.append(f"client {number} request {request}: {error!r}")
+
+    threads = [threading.Thread(target=visitor, args=(number,)) for number in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures and len(answered) == 40, failures[:3]
+    growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert growth_mb < 300, growth_mb
 
 
 def test_bad_input_is_a_message_on_the_page(served, browser):
@@ -186,9 +346,12 @@ def test_bad_input_is_a_message_on_the_page(served, browser):
     find(browser, "#segment-run").click()
     wait_for_text(browser, "Type at least one class name (one per line).")
     open_tab(browser, url, "Search")
+    from selenium.webdriver.common.by import By
+
+    next(label for label in browser.find_elements(By.CSS_SELECTOR, "#search-source label") if label.text.strip() == "uploads").click()
     find(browser, "#search-text textarea, #search-text input").send_keys("a dog")
     find(browser, "#search-run").click()
-    wait_for_text(browser, "Give a folder of images on the server or upload some images.")
+    wait_for_text(browser, "Upload some images to search.")
 
 
 def test_without_a_model_the_page_says_its_weights_are_random():
@@ -198,13 +361,17 @@ def test_without_a_model_the_page_says_its_weights_are_random():
     assert torch.isfinite(model(**processor(text=["a dog"], images=Image.open(IMAGE))).logits_per_image).all()
 
 
-def test_readme_command_serves_the_page(tiny_dir):
-    """`python demo/app.py --model DIR --port N` as the README gives it: the page is served on 127.0.0.1."""
+@pytest.mark.parametrize("line", [0, 1])
+def test_readme_commands_serve_the_page(tiny_dir, gallery_dir, line):
+    """Each `python demo/app.py ...` line of the README's demo section, with the test model, port and gallery."""
     section = (ROOT / "README.md").read_text().split("## Demo page", 1)[1].split("\n## ", 1)[0]
-    command = next(line for line in section.splitlines() if line.startswith("python demo/app.py")).split("#")[0].split()
-    port = free_port()
-    command = [sys.executable, *command[1:]]
-    command[command.index("--model") + 1], command[command.index("--port") + 1] = str(tiny_dir), str(port)
+    commands = [row.split("#")[0].split() for row in section.splitlines() if row.startswith("python demo/app.py")]
+    assert len(commands) == 2
+    port, command = free_port(), [sys.executable, *commands[line][1:]]
+    substitutes = {"--model": str(tiny_dir), "--port": str(port), "--gallery": str(gallery_dir)}
+    command = [substitutes.get(previous, word) for previous, word in zip([None, *command], command)]
+    if "--port" not in command:
+        command += ["--port", str(port)]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})  # fmt: skip
     try:
@@ -217,6 +384,25 @@ def test_readme_command_serves_the_page(tiny_dir):
                 assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:] if server.poll() is not None else "timeout"
                 time.sleep(1)
         assert "Score captions" in page and app.RANDOM_BANNER not in page
+        assert ("The gallery holds 4 images" in page) == ("--gallery" in command)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("case", ["model", "missing-gallery", "empty-gallery", "gallery-over-limit"])
+def test_what_an_operator_mistypes_is_one_line(case, tmp_path, gallery_dir):
+    """`demo/app.py` with a model that cannot load or a gallery it cannot use: one line on stderr, no server."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args, message = {
+        "model": (["--model", str(tmp_path / "no-model")], f"error: --model {tmp_path / 'no-model'}: cannot load a FLAIR model ("),
+        "missing-gallery": (["--gallery", str(tmp_path / "none")], f"error: --gallery {tmp_path / 'none'}: no such folder"),
+        "empty-gallery": (["--gallery", str(empty)], f"error: --gallery {empty} holds no images (.bmp, .jpeg, .jpg, .png, .webp)"),
+        "gallery-over-limit": (["--gallery", str(gallery_dir), "--gallery-limit", "3"],
+                               f"error: --gallery {gallery_dir} holds 5 images, over the limit of 3: pass --gallery-limit 5 or a smaller folder"),
+    }[case]  # fmt: skip
+    result = subprocess.run([sys.executable, str(ROOT / "demo" / "app.py"), *args, "--port", str(free_port())], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})  # fmt: skip
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert result.stderr.strip().startswith(message), result.stderr

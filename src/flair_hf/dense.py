@@ -23,6 +23,11 @@ def _normalize_by_max(maps: torch.Tensor) -> torch.Tensor:
     return maps / maps.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in MAP_KINDS:
+        raise ValueError(f"unknown map kind {kind!r}: use one of {', '.join(MAP_KINDS)}")
+
+
 def _to_grid(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if maps.shape[-1] != grid[0] * grid[1]:
         raise ValueError(f"{maps.shape[-1]} patch tokens do not fill a {grid[0]}x{grid[1]} grid: pass the right grid")
@@ -76,19 +81,24 @@ def dense_maps(
 ) -> torch.Tensor:  # fmt: skip
     """`(B, T, h, w)` maps of `kind` ("attention" or "similarity") for every image and caption; with `upsample`, at the
     input's `(H, W)`. Images of another size than the model's use interpolated position embeddings."""
-    if kind not in MAP_KINDS:
-        raise ValueError(f"unknown map kind {kind!r}: use one of {', '.join(MAP_KINDS)}")
+    _check_kind(kind)
     height, width = pixel_values.shape[-2:]
     patch = model.config.vision_config.patch_size
     grid = (height // patch, width // patch)
     size = model.config.vision_config.image_size
     tokens = model.get_image_token_features(pixel_values, interpolate_pos_encoding=(height, width) != (size, size))
-    texts = model.get_text_embeds(input_ids, attention_mask)
-    if kind == "attention":
-        maps = caption_attention_maps(model.text_conditioned_pooling, texts, tokens, grid, **chunk_sizes)
-    else:
-        maps = patch_similarity_maps(texts, tokens, grid, **chunk_sizes)
+    maps = feature_maps(model, model.get_text_embeds(input_ids, attention_mask), tokens, grid, kind, **chunk_sizes)
     return upsample_maps(maps, (height, width)) if upsample else maps
 
 
-__all__ = ["MAP_KINDS", "caption_attention_maps", "dense_maps", "patch_similarity_maps", "upsample_maps"]
+@torch.no_grad()
+def feature_maps(model, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor, grid: tuple[int, int], kind: str = "attention", **chunk_sizes) -> torch.Tensor:  # fmt: skip
+    """`(B, T, h, w)` maps of `kind` from embeddings already computed (`get_text_embeds`, `get_image_token_features`),
+    e.g. of a gallery indexed once."""
+    _check_kind(kind)
+    if kind == "attention":
+        return caption_attention_maps(model.text_conditioned_pooling, text_embeds, image_token_embeds, grid, **chunk_sizes)
+    return patch_similarity_maps(text_embeds, image_token_embeds, grid, **chunk_sizes)
+
+
+__all__ = ["MAP_KINDS", "caption_attention_maps", "dense_maps", "feature_maps", "patch_similarity_maps", "upsample_maps"]
