@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flair_hf import FlairModel, FlairProcessor
+from flair_hf import FlairScorer
 from flair_hf.dense import MAP_KINDS, dense_maps
+from flair_hf.scorer import load_failure
 
 
 def preprocessed_images(pixel_values: torch.Tensor, processor) -> np.ndarray:
@@ -76,23 +77,39 @@ def parse_args(argv=None):
     parser.add_argument("--kind", choices=MAP_KINDS, default="attention", help="map kind (default: attention)")
     parser.add_argument("--image-size", type=int, help="input size (default: the model's; larger gives finer maps)")
     parser.add_argument("--grid", action="store_true", help="several images, one row each")
-    parser.add_argument("--output", required=True, help="PNG file to write")
+    parser.add_argument("--output", required=True, help="PNG file to write (an existing file only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = parser.parse_args(argv)
     if len(args.images) > 1 and not args.grid:
         parser.error("several images need --grid (one row per image)")
     return args
 
 
+def open_images(paths: list[str]) -> list[Image.Image]:
+    """The images as RGB, decoded now: a missing, non-image or corrupt file is one line naming it."""
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"error: image not found: {path}")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except OSError as error:
+            raise SystemExit(f"error: {path} is not a readable image ({str(error).split(':')[0]}): give a JPEG, PNG, WebP or BMP file") from None
+    return images
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    missing = [path for path in args.images if not Path(path).is_file()]
-    if missing:
-        raise SystemExit(f"image not found: {missing[0]}")
-    model = FlairModel.from_pretrained(args.model).eval()
-    processor = FlairProcessor.from_pretrained(args.model)
-    images = [Image.open(path) for path in args.images]
-    maps, logits, pictures = compute(model, processor, images, args.caption, args.kind, args.image_size)
     output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise SystemExit(f"error: {output} exists: pass another --output, or --overwrite to replace it")
+    images = open_images(args.images)
+    try:
+        scorer = FlairScorer.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {load_failure(args.model, error)}") from None
+    maps, logits, pictures = compute(scorer.model, scorer.processor, images, args.caption, args.kind, args.image_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     draw(maps, logits, pictures, args.caption, args.kind, output)
     print(f"wrote {output} ({len(images)} image(s) x {len(args.caption)} caption(s), {args.kind} maps)")

@@ -29,6 +29,7 @@ from PIL import Image
 from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTokenizer
 from flair_hf.dense import dense_maps, feature_maps, upsample_maps
 from flair_hf.retrieval import flair_scores, global_scores
+from flair_hf.scorer import load_failure
 from flair_hf.segmentation import SegmentationSet, segment_image
 from flair_hf.zero_shot import class_query_embeddings, imagenet_templates
 
@@ -323,11 +324,7 @@ def load_or_exit(model_id: str | None) -> tuple[FlairModel, FlairProcessor, bool
     try:
         return load(model_id)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SystemExit(
-            f"error: --model {model_id}: cannot load a FLAIR model ({reason}); give a converted FLAIR directory "
-            "(conversion/convert_flair_to_hf.py) or a Hub id reachable from here"
-        ) from None
+        raise SystemExit(f"error: {load_failure(model_id, error)}") from None
 
 
 def main(argv=None) -> None:

@@ -248,3 +248,21 @@ def test_empty_batches_have_batch_shapes(tokenizer, image_processor):
 def test_bare_tokenizer_pads_to_77_when_asked(tokenizer):
     ids = tokenizer(["a dog", "word " * 100], padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
     assert ids.shape == (2, 77) and ids[0, 3] == 49407 and ids[1, 76] == 49407 and tokenizer.model_max_length == 77
+
+
+def test_a_caption_cut_at_77_tokens_is_warned_about_once():
+    from transformers.testing_utils import CaptureLogger
+
+    from flair_hf import FlairTokenizer
+    from flair_hf.processing_flair import logger
+
+    tokenizer = FlairTokenizer.from_bpe_vocab()
+    logger.warning_once.cache_clear()
+    long = "a small white puppy on a wooden porch " * 12  # 96 words
+    with CaptureLogger(logger) as captured:
+        tokenizer(["a dog", "a cat"], padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        assert captured.out == ""  # nothing cut, nothing said
+        for _ in range(2):
+            tokenizer([long, "a dog"], padding="max_length", truncation=True, max_length=77, return_tensors="pt")  # the fast path
+            tokenizer(long, truncation=True, max_length=77)  # the generic one
+    assert captured.out.count("A text longer than 77 tokens was cut to its first 77") == 1, captured.out

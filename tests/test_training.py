@@ -284,6 +284,21 @@ def test_help_lists_every_option_with_help_and_default():
     assert "--lr LR peak learning rate (default: 0.0005)" in help_text
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--learning-rate", "0.1"], "error: unknown option --learning-rate: did you mean --lr?"),
+    (["--batchsize", "3"], "error: unknown option --batchsize: did you mean --batch-size?"),
+    (["--colour", "red"], "error: unknown option --colour (see --help for the options)"),
+    (["--eval-benchmarks", "coco", "--eval-data-root", "/nonexistent"],
+     "error: --eval-data-root /nonexistent: coco: missing annotation file /nonexistent/coco/annotations/captions_val2017.json"),
+])  # fmt: skip
+def test_a_mistyped_option_or_missing_eval_data_is_one_line(data, tmp_path, extra, message):
+    result = subprocess.run([sys.executable] + train_args(data, tmp_path / "run", *extra), capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert result.stderr.strip().startswith(message), result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_rank_without_a_full_batch_is_a_clear_error_not_a_hang(data, tmp_path):
     command = [sys.executable] + train_args(data, tmp_path / "run", "--batch-size", "64", "--max-steps", "2")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -32,10 +32,9 @@ def test_readme_dense_map_commands_run_as_written(tmp_path):
     for name in ("conversion", "benchmarks", "tests"):
         os.makedirs(tmp_path / "repo", exist_ok=True)
         (tmp_path / "repo" / name).symlink_to(ROOT / name)
-    output = tmp_path / "maps.png"
+    output = tmp_path / "repo" / "out" / "dense-maps.png"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for command in commands:
-        command = command.replace("benchmarks/results/dense-maps-tiny-random.png", str(output))
         result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path / "repo", capture_output=True, text=True,
                                 timeout=300, env=env)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
@@ -59,3 +58,27 @@ def test_bad_arguments_are_clear_errors(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="image not found"):
         visualize.main([str(tmp_path / "none.jpg"), "--model", str(tiny_dir), "--caption", "a", "--output", str(tmp_path / "x.png")])
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("case", ["model", "not-an-image", "corrupt-image", "existing-output"])
+def test_what_a_newcomer_mistypes_is_one_line(case, tiny_dir, tmp_path):
+    """A wrong model path, a non-image, a truncated image, an existing output: one line, nothing written."""
+    (tmp_path / "notes.png").write_text("not an image")
+    data = (FIXTURES / "images" / "puppy.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    existing = tmp_path / "existing.png"
+    existing.write_bytes(b"keep me")
+    image, model, output, message = {
+        "model": (FIXTURES / "images" / "puppy.jpg", tmp_path / "no-model", tmp_path / "a.png",
+                  f"error: --model {tmp_path / 'no-model'}: cannot load a FLAIR model ("),
+        "not-an-image": (tmp_path / "notes.png", tiny_dir, tmp_path / "a.png", f"error: {tmp_path / 'notes.png'} is not a readable image ("),
+        "corrupt-image": (tmp_path / "cut.jpg", tiny_dir, tmp_path / "a.png", f"error: {tmp_path / 'cut.jpg'} is not a readable image ("),
+        "existing-output": (FIXTURES / "images" / "puppy.jpg", tiny_dir, existing,
+                            f"error: {existing} exists: pass another --output, or --overwrite to replace it"),
+    }[case]  # fmt: skip
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "visualize.py"), str(image), "--model", str(model),
+                             "--caption", "a dog", "--output", str(output)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert result.stderr.strip().startswith(message), result.stderr
+    assert not (tmp_path / "a.png").exists() and existing.read_bytes() == b"keep me"

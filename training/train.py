@@ -213,6 +213,26 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
+# names other trainers (transformers' Trainer, open_clip) use for an option of ours
+OTHER_TRAINERS_NAMES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size", "accum_freq": "gradient_accumulation_steps", "max_train_steps": "max_steps",
+    "warmup": "warmup_steps", "wd": "weight_decay", "save_steps": "checkpoint_every", "logging_steps": "log_every",
+    "resume_from_checkpoint": "resume", "precision": "mixed_precision", "grad_checkpointing": "gradient_checkpointing",
+    "num_workers": "workers", "dataloader_num_workers": "workers", "max_grad_norm": "grad_clip_norm",
+    "adam_beta1": "beta1", "adam_beta2": "beta2", "adam_epsilon": "eps", "output": "output_dir", "logs": "output_dir",
+}  # fmt: skip
+
+
+def unknown_option_error(option: str) -> ConfigError:
+    """`--learning-rate` -> "did you mean --lr?": another trainer's name for an option, else the closest name."""
+    name = option.lstrip("-").split("=")[0].replace("-", "_")
+    fields = [item.name for item in dataclasses.fields(TrainConfig)]
+    guess = OTHER_TRAINERS_NAMES.get(name) or next(iter(difflib.get_close_matches(name, fields, n=1, cutoff=0.6)), None)
+    hint = f": did you mean --{guess.replace('_', '-')}?" if guess else " (see --help for the options)"
+    return ConfigError(f"unknown option {option.split('=')[0]}{hint}")
+
+
 def load_config(argv=None) -> TrainConfig:
     """YAML `--config` first, then `--field value` overrides; every value parsed as its field's type and validated."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,7 +243,10 @@ def load_config(argv=None) -> TrainConfig:
         if "default" not in help_text:
             help_text += f" (default: {getattr(defaults, item.name)!r})"
         parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
-    args = vars(parser.parse_args(argv))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise unknown_option_error(next((word for word in unknown if word.startswith("-")), unknown[0]))
+    args = vars(args)
     config_file = args.pop("config", None)
     values = {}
     if config_file:
@@ -489,7 +512,7 @@ def evaluate_loss(model, config: TrainConfig, device) -> float:
 
 def load_eval_benchmarks(config: TrainConfig) -> list:
     """`[(name, dataset)]` for `--eval-benchmarks` (a list or "a,b"), checked before training starts."""
-    from flair_hf.retrieval_data import LAYOUTS, load_benchmark
+    from flair_hf.retrieval_data import LAYOUTS, BenchmarkDataError, load_benchmark
 
     names = list(dict.fromkeys(config.eval_benchmarks))
     if not names:
@@ -499,7 +522,10 @@ def load_eval_benchmarks(config: TrainConfig) -> list:
         raise ConfigError(f"unknown --eval-benchmarks {', '.join(unknown)}: choose from {', '.join(LAYOUTS)}")
     if not config.eval_data_root:
         raise ConfigError("--eval-benchmarks needs --eval-data-root (the benchmarks' original layouts)")
-    return [(name, load_benchmark(name, config.eval_data_root)) for name in names]
+    try:
+        return [(name, load_benchmark(name, config.eval_data_root)) for name in names]
+    except BenchmarkDataError as error:
+        raise ConfigError(f"--eval-data-root {config.eval_data_root}: {str(error).strip().splitlines()[0]}") from None
 
 
 def evaluate_during_training(accelerator, model, processor, benchmarks, config: TrainConfig, step: int, output_dir: Path) -> dict:

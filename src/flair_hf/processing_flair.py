@@ -12,7 +12,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import BatchEncoding
-from transformers.utils import PaddingStrategy, TensorType
+from transformers.utils import PaddingStrategy, TensorType, logging
 
 from .preprocessing import (
     FLAIR_PAD_TOKEN_ID, OPEN_CLIP_PATTERN, array_to_image, clean_caption, image_to_pixels, open_image, read_bpe_vocab,
@@ -90,6 +90,18 @@ class FlairImageProcessor(PilBackend):
         ]
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
+logger = logging.get_logger(__name__)
+
+
+def _warn_if_cut(encoding: BatchEncoding, max_length: int | None) -> BatchEncoding:
+    """Warn (once per process and length) when truncation cut a text: FLAIR then sees only its beginning."""
+    if any(e.overflowing for e in encoding.encodings or []):
+        logger.warning_once(
+            f"A text longer than {max_length} tokens was cut to its first {max_length} (the end-of-text token kept): "
+            "split long captions into sentences (flair_hf.captions.split_sentences) to use all of them."
+        )
+    return encoding
+
 
 class FlairTokenizer(CLIPTokenizer):
     r"""
@@ -139,8 +151,10 @@ class FlairTokenizer(CLIPTokenizer):
             text = _map_texts(clean_caption, text)
             text_pair = _map_texts(clean_caption, text_pair)
         if _is_padded_tensor_batch(text, text_pair, is_split_into_words, kwargs):
-            return self._encode_padded_batch(text, **kwargs)
-        return super()._encode_plus(text, text_pair, is_split_into_words=is_split_into_words, **kwargs)
+            encoding = self._encode_padded_batch(text, **kwargs)
+        else:
+            encoding = super()._encode_plus(text, text_pair, is_split_into_words=is_split_into_words, **kwargs)
+        return _warn_if_cut(encoding, kwargs.get("max_length") or self.model_max_length)
 
     def _encode_padded_batch(self, texts, padding_strategy, truncation_strategy, max_length=None, pad_to_multiple_of=None,
                              padding_side=None, return_tensors=None, return_attention_mask=None, **_) -> BatchEncoding:  # fmt: skip

@@ -9,6 +9,15 @@ from .preprocessing import as_image_list, as_text_list
 from .processing_flair import FlairProcessor
 
 
+def load_failure(model_id, error: Exception) -> str:
+    """One line for a command-line tool: why `model_id` did not load as a FLAIR model, and what to give instead."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"--model {model_id}: cannot load a FLAIR model ({reason}); give a converted FLAIR directory "
+        "(conversion/convert_flair_to_hf.py) or a Hub id reachable from here"
+    )
+
+
 class FlairScorer:
     """`FlairModel` plus `FlairProcessor`, for scoring without handling tensors:
 
@@ -66,4 +75,4 @@ class FlairScorer:
                 "logits_as_clip": output.logits_per_image_as_clip.float()}  # fmt: skip
 
 
-__all__ = ["FlairScorer"]
+__all__ = ["FlairScorer", "load_failure"]
