@@ -48,11 +48,10 @@ def test_mismatched_caption_count_is_an_error(tiny_model, loss_reference):
                    r["logit_scale"], r["logit_bias"], captions_per_image=3)  # fmt: skip
 
 
-def reference_rank_loss(head, features, indices, rank, add_mps):
-    """The cross-rank formula for one rank, written out pair by pair (independent of `flair_hf.loss`)."""
+def written_out_loss(head, image_features, image_tokens, terms, K, logit_scale, logit_bias, add_mps):
+    """The FLAIR loss written out pair by pair (independent of `flair_hf.loss`): `terms` is `[(texts, indices)]`,
+    this rank's first (its captions positive), then each other rank's (all negative)."""
     import torch.nn.functional as F
-
-    from distributed_loss_probe import K, LOGIT_BIAS, LOGIT_SCALE
 
     def sigmoid_sum(logits, labels):
         return -F.logsigmoid(labels * logits).sum()
@@ -60,26 +59,32 @@ def reference_rank_loss(head, features, indices, rank, add_mps):
     def tcs(texts, rows, positives):
         total = 0
         for i, image_rows in enumerate(rows):
-            pooled = head(texts[image_rows], features[rank]["image_tokens"][i : i + 1])[0][0]
-            logits = LOGIT_SCALE * F.cosine_similarity(pooled, texts[image_rows], dim=-1) + LOGIT_BIAS
+            pooled = head(texts[image_rows], image_tokens[i : i + 1])[0][0]
+            logits = logit_scale * F.cosine_similarity(pooled, texts[image_rows], dim=-1) + logit_bias
             labels = torch.tensor([1.0 if positives and row // K == i else -1.0 for row in image_rows.tolist()])
-            total = total + sigmoid_sum(logits, labels.double())
+            total = total + sigmoid_sum(logits, labels.to(logits.dtype))
         return total / rows.shape[1]
 
     def mps(texts, positives):
-        logits = LOGIT_SCALE * F.cosine_similarity(features[rank]["image_features"][:, None], texts[None], dim=-1) + LOGIT_BIAS
+        logits = logit_scale * F.cosine_similarity(image_features[:, None], texts[None], dim=-1) + logit_bias
         labels = torch.tensor([[1.0 if positives and t // K == i else -1.0 for t in range(texts.shape[0])]
-                               for i in range(logits.shape[0])]).double()  # fmt: skip
+                               for i in range(logits.shape[0])]).to(logits.dtype)  # fmt: skip
         return sigmoid_sum(logits, labels) / texts.shape[0]
 
     def term(texts, rows, positives):
         return (tcs(texts, rows, positives) + mps(texts, positives)) / 2 if add_mps else tcs(texts, rows, positives)
 
-    loss = term(features[rank]["text_features"], indices[rank], positives=True)
-    for other in range(len(features)):
-        if other != rank:
-            loss = loss + term(features[other]["text_features"], indices[other], positives=False)
-    return loss
+    return sum(term(texts, rows, positives=index == 0) for index, (texts, rows) in enumerate(terms))
+
+
+def reference_rank_loss(head, features, indices, rank, add_mps):
+    """The cross-rank formula for one rank of the distributed probe."""
+    from distributed_loss_probe import K, LOGIT_BIAS, LOGIT_SCALE
+
+    order = [rank] + [other for other in range(len(features)) if other != rank]
+    terms = [(features[r]["text_features"], indices[r]) for r in order]
+    mine = features[rank]
+    return written_out_loss(head, mine["image_features"], mine["image_tokens"], terms, K, LOGIT_SCALE, LOGIT_BIAS, add_mps)
 
 
 def run_probe(tmp_path, world_size, mps, port, uneven=False):
@@ -133,38 +138,41 @@ def test_distributed_loss_uneven_batches_is_a_clear_error(tmp_path):
     assert "needs the same batch size on every rank (rank 0: 3 images / 6 texts, rank 1: 2 images / 4 texts)" in result.stderr
 
 
-def test_remote_terms_follow_the_other_ranks_indices(tiny_model, loss_reference):
-    """A remote term is the other rank's TCS grid with all labels negative: swapping which rows it uses changes it."""
+@pytest.mark.parametrize("add_mps", [False, True])
+def test_remote_terms_follow_the_other_ranks_indices(tiny_model, loss_reference, add_mps):
+    """A remote term is the other rank's TCS grid with all labels negative (plus its global grid with MPS): equal to
+    the written-out formula for either set of the other rank's indices, and different between them."""
     r = loss_reference
     head, K = tiny_model.text_conditioned_pooling, 3
     args = (r["image_features"], r["image_tokens"], r["text_features"], r["logit_scale"], torch.tensor(0.0), K)
+    remote_texts = r["text_features"].flip(0)
+    other_indices = sample_text_indices(4, K, torch.Generator().manual_seed(3))[1]
     with torch.no_grad():
-        local = flair_loss(head, *args, text_indices=r["selected_text_indices"])
-        remote_texts = r["text_features"].flip(0)
-        other_indices = sample_text_indices(4, K, torch.Generator().manual_seed(3))[1]
-        with_remote = [
-            flair_loss(head, *args, text_indices=r["selected_text_indices"], remote_text_features=[remote_texts],
-                       remote_text_indices=[indices])  # fmt: skip
-            for indices in (r["selected_text_indices"], other_indices)
-        ]
-    assert all(loss > local for loss in with_remote)
+        with_remote = []
+        for indices in (r["selected_text_indices"], other_indices):
+            loss = flair_loss(head, *args, text_indices=r["selected_text_indices"], remote_text_features=[remote_texts],
+                              remote_text_indices=[indices], add_mps_loss=add_mps)  # fmt: skip
+            terms = [(r["text_features"], r["selected_text_indices"]), (remote_texts, indices)]
+            expected = written_out_loss(head, r["image_features"], r["image_tokens"], terms, K, r["logit_scale"], 0.0, add_mps)
+            assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=0)
+            with_remote.append(loss)
     assert abs(with_remote[0] - with_remote[1]) > 1e-2
     with pytest.raises(ValueError, match="per-rank batch sizes must be equal"):
         flair_loss(head, *args, remote_text_features=[remote_texts[:9]], remote_text_indices=[other_indices])
 
 
 def test_model_forward_return_loss_equals_flair_loss(tiny_model, tiny_reference):
+    """`FlairModel(return_loss=True)` against the written-out formula, its negatives drawn from the same seed."""
     pixels = tiny_reference["pixel_values"][:2]
     ids = tiny_reference["input_ids"].long()[:6]
     torch.manual_seed(0)
     with torch.no_grad():
         output = tiny_model(input_ids=ids, pixel_values=pixels, return_loss=True, captions_per_image=3)
         torch.manual_seed(0)
-        expected = flair_loss(
-            tiny_model.text_conditioned_pooling, tiny_model.get_image_embeds(pixels),
-            tiny_model.get_image_token_features(pixels), tiny_model.get_text_embeds(ids),
-            tiny_model.logit_scale.exp(), tiny_model.logit_bias, captions_per_image=3,
-        )  # fmt: skip
+        indices = sample_text_indices(2, 3)[1]  # what the model drew
+        image_features, tokens = tiny_model.get_image_and_token_features(pixels)
+        expected = written_out_loss(tiny_model.text_conditioned_pooling, image_features, tokens, [(tiny_model.get_text_embeds(ids), indices)],
+                                    3, tiny_model.logit_scale.exp(), tiny_model.logit_bias, add_mps=True)  # fmt: skip
     assert output.loss.item() == pytest.approx(expected.item(), abs=1e-6)
     assert output.logits_per_image is None
     with pytest.raises(ValueError, match="captions_per_image"):

@@ -8,6 +8,7 @@ from flair_hf import FlairConfig, FlairModel
 from flair_hf_benchmarks.synthetic import ids_ending_at
 
 from conftest import MethodAsModule
+from initialisation import assert_original_initialisation
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,25 @@ def test_zero_attention_slot_and_shapes(tiny_model, inputs):
     assert tiny_model.get_image_token_features(pixels).shape == (6, 196, 32)
     as_tuple = tiny_model(input_ids=ids, pixel_values=pixels, return_dict=False)
     torch.testing.assert_close(as_tuple[0], out.logits_per_image)
+
+
+def test_pooling_head_equals_torch_multihead_attention_with_a_zero_slot(tiny_model, inputs):
+    """Independently: torch's own `nn.MultiheadAttention(add_zero_attn=True)`, as the original builds the head, with
+    the head's weights, on the LayerNormed texts and patch tokens: pooled embeddings and per-head weights equal."""
+    ids, pixels = inputs
+    pooling = tiny_model.text_conditioned_pooling
+    reference = torch.nn.MultiheadAttention(pooling.embed_dim, pooling.num_heads, add_zero_attn=True, batch_first=True)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([pooling.q_proj.weight, pooling.k_proj.weight, pooling.v_proj.weight]))
+        reference.in_proj_bias.copy_(torch.cat([pooling.q_proj.bias, pooling.k_proj.bias, pooling.v_proj.bias]))
+        reference.out_proj.load_state_dict(pooling.out_proj.state_dict())
+        text, tokens = tiny_model.get_text_embeds(ids), tiny_model.get_image_token_features(pixels)
+        queries = pooling.query_layer_norm(text).expand(tokens.shape[0], -1, -1)
+        expected, expected_weights = reference(queries, pooling.key_layer_norm(tokens), pooling.value_layer_norm(tokens),
+                                               average_attn_weights=False)  # fmt: skip
+        pooled, weights = pooling(text, tokens, True)
+    torch.testing.assert_close(pooled, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
 
 
 def test_loads_into_clip_model_with_only_flair_tensors_left(tiny_dir, tiny_model, inputs):
@@ -245,7 +265,7 @@ def test_device_maps_keep_residual_blocks_whole(tiny_model):
     assert tiny_model.get_input_embeddings() is tiny_model.text_model.embeddings.token_embedding
 
 
-def test_random_init_from_config_is_finite():
+def test_random_init_from_config_is_the_originals_and_runs():
 
     config = FlairConfig(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
@@ -253,8 +273,7 @@ def test_random_init_from_config_is_finite():
         projection_dim=16,
     )  # fmt: skip
     model = FlairModel(config).eval()
-    assert model.logit_bias.item() == -10.0
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert_original_initialisation(model)
     ids = torch.tensor([[49406, 320, 1929, 49407] + [0] * 73])
     out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 32, 32))
     assert out.logits_per_image.shape == (2, 1)
