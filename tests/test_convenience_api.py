@@ -71,9 +71,43 @@ def test_a_remote_code_model_works_in_the_scorer(tiny_dir, loaded, tmp_path, mon
     torch.testing.assert_close(remote.score(str(IMAGE), TEXTS)["logits"], scorer.score(str(IMAGE), TEXTS)["logits"], atol=1e-5, rtol=0)
 
 
-def test_the_model_class_holds_no_processor_or_file_io():
+MODEL_FILES = ("modeling_flair.py", "configuration_flair.py", "loss.py")  # what FlairModel runs
+NETWORK_OR_DYNAMIC_IMPORTS = {"urllib", "http", "socket", "requests", "httpx", "aiohttp", "subprocess", "huggingface_hub",
+                              "pickle", "importlib", "ctypes", "multiprocessing"}  # fmt: skip
+HARMLESS_SUBMODULES = {"huggingface_hub.dataclasses"}  # the config's field validation, no I/O
+DYNAMIC_CALLS = {"exec", "eval", "compile", "__import__"}  # the builtins (called by name)
+FILE_CALLS = {"open", "read_text", "read_bytes", "write_text", "write_bytes", "urlopen", "load", "save", "unlink", "remove",
+              "mkdir", "rmtree", "system", "popen", "listdir", "iterdir", "glob", "scandir"}  # fmt: skip
+
+
+def imported_and_called(path) -> tuple[set[str], set[str]]:
+    """The top-level packages a source file imports (but `HARMLESS_SUBMODULES`) and the names it calls: `f` for
+    `f(...)`, `.f` for `x.f(...)`."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    imported = {module.split(".")[0] for module in modules - HARMLESS_SUBMODULES}
+    calls = {node.func.id if isinstance(node.func, ast.Name) else "." + node.func.attr
+             for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))}  # fmt: skip
+    return imported, calls
+
+
+def test_remote_code_touches_no_network_runs_no_dynamic_code_and_the_model_no_files(tiny_dir):
+    """What `trust_remote_code=True` runs, read from the saved directory: no network, subprocess or pickle imports
+    and no exec/eval in any file; the model's files (not the processor's, which opens image paths) call no file I/O."""
     from flair_hf import FlairModel
 
+    remote_files = sorted(tiny_dir.glob("*.py"))
+    assert {p.name for p in remote_files} >= set(MODEL_FILES)
+    for path in remote_files:
+        imported, calls = imported_and_called(path)
+        assert not imported & NETWORK_OR_DYNAMIC_IMPORTS, (path.name, imported & NETWORK_OR_DYNAMIC_IMPORTS)
+        assert not calls & DYNAMIC_CALLS, (path.name, calls & DYNAMIC_CALLS)
+        if path.name in MODEL_FILES:
+            assert not imported & {"PIL", "io", "os", "pathlib", "shutil", "tempfile"}, (path.name, imported)
+            assert not {call.lstrip(".") for call in calls} & FILE_CALLS, (path.name, sorted(calls))
     assert not {"encode_text", "encode_image", "score", "_get_processor"} & set(dir(FlairModel))
 
 
