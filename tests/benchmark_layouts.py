@@ -82,4 +82,14 @@ def build_data_root(root: Path) -> Path:
     (root / "share4v" / "share4v_sam_10k.json").write_text(json.dumps(SHARE4V))
     for i, record in enumerate(SHARE4V):
         write_image(root / "share4v" / record["image"].replace("/images", ""), 70 + i)
+
+    mosaics = root / "fashion-mosaics"  # as training/mosaics.py --split test writes it
+    (mosaics / "annotations").mkdir(parents=True)
+    for name, captions in (("items", ["A small red bag on the left.", "A large blue coat in the centre."]),
+                           ("long", ["2 fashion items on a gray background. A small red bag on the left. A large white shirt at the top.",
+                                     "3 fashion items on a black background. A large blue coat in the centre. A small green sandal at the bottom. A small white dress at the top right."])):  # fmt: skip
+        annotations = [{"image": f"test-{i:06d}.png", "caption": caption} for i, caption in enumerate(captions)]
+        (mosaics / "annotations" / f"{name}.json").write_text(json.dumps({"annotations": annotations}))
+    for i in range(2):
+        write_image(mosaics / "images" / f"test-{i:06d}.png", 80 + i)
     return root

@@ -35,4 +35,6 @@ def build_segmentation_root(root: Path) -> Path:
     ade = root / "ADEChallengeData2016"
     for i, name in enumerate(("ADE_val_00000001", "ADE_val_00000002")):
         _write(ade / "images" / "validation" / f"{name}.jpg", ade / "annotations" / "validation" / f"{name}.png", i)
+    for i, name in enumerate(("test-000000", "test-000001")):
+        _write(root / "fashion-mosaics" / "images" / f"{name}.png", root / "fashion-mosaics" / "masks" / f"{name}.png", i)
     return root

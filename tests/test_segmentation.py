@@ -40,7 +40,7 @@ def test_every_layout_loads_with_its_labels(data_root, name):
     else:
         assert np.array_equal(labels, LABEL)
     assert len(class_names(name)) == {"voc21": 21, "voc20": 20, "context60": 60, "context59": 59, "coco_object": 81,
-                                      "coco_stuff": 171, "cityscapes": 19, "ade20k": 150}[name]  # fmt: skip
+                                      "coco_stuff": 171, "cityscapes": 19, "ade20k": 150, "fashion-mosaics": 11}[name]  # fmt: skip
 
 
 def test_missing_files_name_the_file_and_the_layout(tmp_path, data_root):

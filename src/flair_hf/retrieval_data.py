@@ -30,6 +30,8 @@ LAYOUTS = {
     "urban1k": "Urban1k/annotations/annotations.json, images Urban1k/images/<image>",
     "sharegpt4v-1k": "share4v/share4v_sam_10k.json (first 1,000 records), images under share4v/",
     "sharegpt4v-10k": "share4v/share4v_sam_10k.json (first 10,000 records), images under share4v/",
+    "fashion-mosaics": "fashion-mosaics/annotations/items.json, images fashion-mosaics/images/<image> (training/mosaics.py --split test)",
+    "fashion-mosaics-long": "fashion-mosaics/annotations/long.json, images fashion-mosaics/images/<image> (training/mosaics.py --split test)",
 }
 
 
@@ -135,6 +137,10 @@ LOADERS: dict[str, Callable[[Path], list]] = {
     "urban1k": lambda root: _annotations_file(root / "Urban1k" / "annotations" / "annotations.json", "urban1k", root / "Urban1k" / "images"),
     "sharegpt4v-1k": lambda root: _share4v(root, 1_000, "sharegpt4v-1k"),
     "sharegpt4v-10k": lambda root: _share4v(root, 10_000, "sharegpt4v-10k"),
+    **{
+        name: lambda root, name=name, file=file: _annotations_file(root / "fashion-mosaics" / "annotations" / file, name, root / "fashion-mosaics" / "images")
+        for name, file in (("fashion-mosaics", "items.json"), ("fashion-mosaics-long", "long.json"))
+    },
 }
 
 

@@ -48,6 +48,7 @@ SEGMENTATION_SETS = {
     "coco_stuff": SegmentationSet("coco_stuff", short_side=448),
     "cityscapes": SegmentationSet("city_scapes", short_side=560),
     "ade20k": SegmentationSet("ade20k", reduce_zero_label=True),
+    "fashion-mosaics": SegmentationSet("fashion_mosaics", short_side=96),  # label 0 the background, 1 + k class k
 }
 
 

@@ -17,6 +17,7 @@ SEGMENTATION_LAYOUTS = {
     "coco_stuff": "coco_stuff164k/{images/val2017/<name>.jpg, annotations/val2017/<name>_labelTrainIds.png}",
     "cityscapes": "cityscapes/{leftImg8bit/val/<city>/<x>_leftImg8bit.png, gtFine/val/<city>/<x>_gtFine_labelTrainIds.png}",
     "ade20k": "ADEChallengeData2016/{images/validation/<x>.jpg, annotations/validation/<x>.png}",
+    "fashion-mosaics": "fashion-mosaics/{images/<key>.png, masks/<key>.png} (training/mosaics.py --split test)",
 }
 
 
@@ -53,6 +54,11 @@ def _ade_pairs(root: Path, benchmark: str) -> list[tuple[Path, Path]]:
     return [(path, base / "annotations" / "validation" / f"{path.stem}.png") for path in sorted(images.glob("*.jpg"))]
 
 
+def _mosaic_pairs(root: Path, benchmark: str) -> list[tuple[Path, Path]]:
+    images = _require(root / "fashion-mosaics" / "images", benchmark)
+    return [(path, root / "fashion-mosaics" / "masks" / path.name) for path in sorted(images.glob("*.png"))]
+
+
 PAIRS = {
     "voc21": lambda root, name: _voc_pairs(root, name, "VOC2012", "SegmentationClass", "Segmentation"),
     "voc20": lambda root, name: _voc_pairs(root, name, "VOC2012", "SegmentationClass", "Segmentation"),
@@ -62,6 +68,7 @@ PAIRS = {
     "coco_stuff": lambda root, name: _coco_pairs(root, name, "_labelTrainIds.png"),
     "cityscapes": _cityscapes_pairs,
     "ade20k": _ade_pairs,
+    "fashion-mosaics": _mosaic_pairs,
 }
 
 
