@@ -26,7 +26,6 @@ import argparse
 import gzip
 import io
 import json
-import shutil
 import sys
 import tarfile
 from collections import Counter
@@ -36,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from flair_hf.segmentation import class_names
+from flair_hf_training.outputs import written_whole
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SOURCE_FILES = {"train": "train", "test": "t10k"}  # the split's photos: Fashion-MNIST's own train / test file
@@ -194,10 +194,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     output, source = Path(args.output), Path(args.source)
     load_photos(source, args.split)  # a missing dataset is an error before anything is written
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with written_whole(output) as partial:
         mosaics = generate(source, args.split, args.seed, args.count)
         if args.split == "train":
             shards = write_train(mosaics, partial)
@@ -205,12 +202,6 @@ def main(argv=None) -> Path:
         else:
             items, long = write_test(mosaics, partial)
             done = f"{long} mosaics, {items} one-item queries and {long} long-caption queries: --data-root {output}"
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if output.exists():
-        output.rmdir()
-    partial.rename(output)
     print(f"wrote {output}: {done}", file=sys.stderr)
     return output
 

@@ -20,11 +20,11 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from flair_hf.captions import DREAMLIP_KEYS as DREAMLIP_CAPTION_COLUMNS
+from flair_hf_training.outputs import written_whole
 
 DREAMLIP_URL_COLUMN = "Image Path"
 PIXELPROSE_URL_COLUMN, PIXELPROSE_CAPTION_COLUMN = "url", "vlm_caption"
@@ -135,22 +135,13 @@ def main(argv=None) -> dict:
     table = read_caption_table(args.captions, args.max_rows)
     url_column, columns = caption_columns_for(table, args.url_column, args.caption_columns)
     print(f"read {len(table)} rows; URL column {url_column!r}, captions {', '.join(columns)}", file=sys.stderr)
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with written_whole(output) as partial:
         url_table = partial / "_captions.parquet"
         rows_with_url = write_url_table(table, url_column, columns, url_table)
         download_shards(url_table, partial, list(columns.values()), args)
         url_table.unlink()
         summary = summarize(partial, len(table), rows_with_url)
         (partial / "prepare_summary.json").write_text(json.dumps(summary, indent=2))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if output.is_dir():
-        output.rmdir()
-    partial.rename(output)
     print(
         f"rows read: {summary['rows_read']}, images fetched: {summary['images_fetched']}, failed: {summary['failed']} "
         f"({summary['failed_to_download']} download, {summary['failed_to_resize']} resize), shards: {summary['shards']}"
