@@ -82,3 +82,11 @@ def test_what_a_newcomer_mistypes_is_one_line(case, tiny_dir, tmp_path):
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
     assert result.stderr.strip().startswith(message), result.stderr
     assert not (tmp_path / "a.png").exists() and existing.read_bytes() == b"keep me"
+
+
+def test_overwrite_replaces_an_existing_output(tiny_dir, tmp_path):
+    output = tmp_path / "maps.png"
+    output.write_bytes(b"old")
+    visualize.main([str(FIXTURES / "images" / "puppy.jpg"), "--model", str(tiny_dir), "--caption", "a puppy",
+                    "--output", str(output), "--overwrite"])  # fmt: skip
+    assert_overlay_png(output, Image.open(output).size)
