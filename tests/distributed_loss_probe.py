@@ -1,7 +1,8 @@
 """Run under `torch.distributed.run` (gloo, CPU, float64): the distributed FLAIR loss and its gradients on every rank.
 
 Also importable: `inputs_for_rank` and `pooling_head` give the same deterministic data to the single-process reference.
-Usage: `distributed_loss_probe.py OUTPUT_DIR mps|no-mps [uneven]` (`uneven`: the last rank has one image fewer).
+Usage: `distributed_loss_probe.py OUTPUT_DIR mps|no-mps|global [uneven]` (TCS + MPS, TCS alone, MPS alone;
+`uneven`: the last rank has one image fewer).
 """
 
 import sys
@@ -53,7 +54,7 @@ def main(output_dir: str, mps: str, uneven: bool = False) -> None:
         loss = distributed_flair_loss(
             head, features["image_features"], features["image_tokens"], features["text_features"],
             torch.tensor(LOGIT_SCALE, dtype=torch.float64), torch.tensor(LOGIT_BIAS, dtype=torch.float64), K,
-            text_indices=text_indices, add_mps_loss=mps == "mps",
+            text_indices=text_indices, add_mps_loss=mps != "no-mps", add_tcs_loss=mps != "global",
         )  # fmt: skip
     except ValueError as error:
         print(f"rank {rank} ValueError: {error}", file=sys.stderr)
@@ -61,7 +62,7 @@ def main(output_dir: str, mps: str, uneven: bool = False) -> None:
     loss.backward()
     tensors = {"loss": loss.detach().reshape(1), "world_size": torch.tensor([world_size])}
     tensors.update({f"grad.{k}": torch.zeros_like(v) if v.grad is None else v.grad for k, v in features.items()})
-    tensors.update({f"grad.pooling.{n}": p.grad for n, p in head.named_parameters()})
+    tensors.update({f"grad.pooling.{n}": torch.zeros_like(p) if p.grad is None else p.grad for n, p in head.named_parameters()})
     save_file(tensors, f"{output_dir}/rank{rank}.safetensors")
     dist.barrier()
     dist.destroy_process_group()

@@ -48,9 +48,10 @@ def test_mismatched_caption_count_is_an_error(tiny_model, loss_reference):
                    r["logit_scale"], r["logit_bias"], captions_per_image=3)  # fmt: skip
 
 
-def written_out_loss(head, image_features, image_tokens, terms, K, logit_scale, logit_bias, add_mps):
+def written_out_loss(head, image_features, image_tokens, terms, K, logit_scale, logit_bias, add_mps, add_tcs=True):
     """The FLAIR loss written out pair by pair (independent of `flair_hf.loss`): `terms` is `[(texts, indices)]`,
-    this rank's first (its captions positive), then each other rank's (all negative)."""
+    this rank's first (its captions positive), then each other rank's (all negative); each term the mean of its
+    TCS (if `add_tcs`) and MPS (if `add_mps`) parts."""
     import torch.nn.functional as F
 
     def sigmoid_sum(logits, labels):
@@ -72,19 +73,21 @@ def written_out_loss(head, image_features, image_tokens, terms, K, logit_scale, 
         return sigmoid_sum(logits, labels) / texts.shape[0]
 
     def term(texts, rows, positives):
-        return (tcs(texts, rows, positives) + mps(texts, positives)) / 2 if add_mps else tcs(texts, rows, positives)
+        parts = ([tcs(texts, rows, positives)] if add_tcs else []) + ([mps(texts, positives)] if add_mps else [])
+        return sum(parts) / len(parts)
 
     return sum(term(texts, rows, positives=index == 0) for index, (texts, rows) in enumerate(terms))
 
 
-def reference_rank_loss(head, features, indices, rank, add_mps):
-    """The cross-rank formula for one rank of the distributed probe."""
+def reference_rank_loss(head, features, indices, rank, mode):
+    """The cross-rank formula for one rank of the distributed probe (`mode` as the probe's)."""
     from distributed_loss_probe import K, LOGIT_BIAS, LOGIT_SCALE
 
     order = [rank] + [other for other in range(len(features)) if other != rank]
     terms = [(features[r]["text_features"], indices[r]) for r in order]
     mine = features[rank]
-    return written_out_loss(head, mine["image_features"], mine["image_tokens"], terms, K, LOGIT_SCALE, LOGIT_BIAS, add_mps)
+    return written_out_loss(head, mine["image_features"], mine["image_tokens"], terms, K, LOGIT_SCALE, LOGIT_BIAS,
+                            add_mps=mode != "no-mps", add_tcs=mode != "global")  # fmt: skip
 
 
 def run_probe(tmp_path, world_size, mps, port, uneven=False):
@@ -100,7 +103,7 @@ def run_probe(tmp_path, world_size, mps, port, uneven=False):
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("world_size, mps, port", [(2, "mps", 29517), (3, "mps", 29518), (3, "no-mps", 29519)])
+@pytest.mark.parametrize("world_size, mps, port", [(2, "mps", 29517), (3, "mps", 29518), (3, "no-mps", 29519), (2, "global", 29521)])
 def test_distributed_loss_and_gradients_equal_single_process_formula(tmp_path, world_size, mps, port):
     """gloo ranks: per-rank losses and all gradients equal one process evaluating the cross-rank formula (1e-6 rel)."""
     from distributed_loss_probe import inputs_for_rank, pooling_head
@@ -114,7 +117,7 @@ def test_distributed_loss_and_gradients_equal_single_process_formula(tmp_path, w
     inputs = [inputs_for_rank(r) for r in range(world_size)]
     features = [{k: v.requires_grad_() for k, v in f.items()} for f, _ in inputs]
     indices = [i for _, i in inputs]
-    losses = [reference_rank_loss(head, features, indices, r, mps == "mps") for r in range(world_size)]
+    losses = [reference_rank_loss(head, features, indices, r, mps) for r in range(world_size)]
     sum(losses).backward()
     for r in range(world_size):
         torch.testing.assert_close(ranks[r]["loss"], losses[r].detach().reshape(1), rtol=1e-6, atol=0)
@@ -123,12 +126,14 @@ def test_distributed_loss_and_gradients_equal_single_process_formula(tmp_path, w
             torch.testing.assert_close(ranks[r][f"grad.{name}"], expected, rtol=1e-6, atol=1e-12)
     for name, parameter in head.named_parameters():
         summed = sum(ranks[r][f"grad.pooling.{name}"] for r in range(world_size))
-        torch.testing.assert_close(summed, parameter.grad, rtol=1e-6, atol=1e-12)
+        expected = torch.zeros_like(parameter) if parameter.grad is None else parameter.grad  # no head in the global loss
+        torch.testing.assert_close(summed, expected, rtol=1e-6, atol=1e-12)
     # the cross-rank terms matter: the local loss alone is smaller by the remote negatives
     from flair_hf.loss import flair_loss
 
     detached = [features[0][k].detach() for k in ("image_features", "image_tokens", "text_features")]
-    alone = flair_loss(head, *detached, torch.tensor(10.0), torch.tensor(-5.0), 2, text_indices=indices[0], add_mps_loss=mps == "mps")
+    alone = flair_loss(head, *detached, torch.tensor(10.0), torch.tensor(-5.0), 2, text_indices=indices[0],
+                       add_mps_loss=mps != "no-mps", add_tcs_loss=mps != "global")  # fmt: skip
     assert ranks[0]["loss"].item() - alone.item() > 1e-3
 
 
@@ -177,3 +182,23 @@ def test_model_forward_return_loss_equals_flair_loss(tiny_model, tiny_reference)
     assert output.logits_per_image is None
     with pytest.raises(ValueError, match="captions_per_image"):
         tiny_model(input_ids=ids, pixel_values=pixels, return_loss=True)
+
+
+def test_global_loss_alone_is_the_multi_positive_formula_and_leaves_the_head_out(tiny_model, tiny_reference):
+    """`add_tcs_loss=False` (the SigLIP-style baseline): the written-out MPS alone; the pooling head gets no gradient."""
+    pixels = tiny_reference["pixel_values"][:2]
+    ids = tiny_reference["input_ids"].long()[:6]
+    tiny_model.zero_grad(set_to_none=True)
+    output = tiny_model(input_ids=ids, pixel_values=pixels, return_loss=True, captions_per_image=3, add_tcs_loss=False)
+    output.loss.backward()
+    with torch.no_grad():
+        image_features, tokens = tiny_model.get_image_and_token_features(pixels)
+        texts = tiny_model.get_text_embeds(ids)
+        expected = written_out_loss(tiny_model.text_conditioned_pooling, image_features, tokens, [(texts, None)], 3,
+                                    tiny_model.logit_scale.exp(), tiny_model.logit_bias, add_mps=True, add_tcs=False)  # fmt: skip
+    assert output.loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert all(p.grad is None for p in tiny_model.text_conditioned_pooling.parameters())
+    assert tiny_model.visual_projection.weight.grad is not None
+    tiny_model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="add_tcs_loss=False needs add_mps_loss=True"):
+        tiny_model(input_ids=ids, pixel_values=pixels, return_loss=True, captions_per_image=3, add_tcs_loss=False, add_mps_loss=False)

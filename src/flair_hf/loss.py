@@ -94,15 +94,20 @@ def multi_positive_sigmoid_loss(image_features, text_features, logit_scale, logi
     return sigmoid_loss_sum(logits, owned_by_image(rows, captions_per_image, logits.shape[0])) / text_features.shape[0]
 
 
-def remote_negatives_loss(pooling, keys_values, image_features, remote_text_features, remote_text_indices, logit_scale, logit_bias, add_mps_loss):
-    """One other rank's negatives-only term: TCS over that rank's `text_indices` rows (row `i` for local image `i`),
-    plus with MPS the global grid against all its texts, each part normalised as locally."""
-    logits = text_conditioned_logits(pooling, keys_values, remote_text_features, remote_text_indices, logit_scale, logit_bias)
-    loss = sigmoid_loss_sum(logits) / logits.shape[1]
+def remote_negatives_loss(
+    pooling, keys_values, image_features, remote_text_features, remote_text_indices, logit_scale, logit_bias, add_mps_loss,
+    add_tcs_loss: bool = True,
+):  # fmt: skip
+    """One other rank's negatives-only term: TCS over that rank's `text_indices` rows (row `i` for local image `i`)
+    and/or the global grid against all its texts (MPS), each part normalised as locally, the two averaged."""
+    terms = []
+    if add_tcs_loss:
+        logits = text_conditioned_logits(pooling, keys_values, remote_text_features, remote_text_indices, logit_scale, logit_bias)
+        terms.append(sigmoid_loss_sum(logits) / logits.shape[1])
     if add_mps_loss:
         mps = sigmoid_loss_sum(global_logits(image_features, remote_text_features, logit_scale, logit_bias))
-        loss = (loss + mps / remote_text_features.shape[0]) / 2
-    return loss
+        terms.append(mps / remote_text_features.shape[0])
+    return sum(terms) / len(terms)
 
 
 def check_batch_shapes(batch_size: int, captions_per_image: int, text_features, text_indices, source: str = "") -> None:
@@ -133,13 +138,19 @@ def flair_loss(
     generator: torch.Generator | None = None,
     remote_text_features=(),
     remote_text_indices=(),
+    add_tcs_loss: bool = True,
 ) -> torch.Tensor:
     """The FLAIR loss for one process's batch: the local loss plus one negatives-only term per other rank.
+
+    The local loss is the text-conditioned sigmoid loss (TCS) and the multi-positive sigmoid loss (MPS), averaged;
+    `add_mps_loss=False` keeps TCS alone, `add_tcs_loss=False` MPS alone (the global, SigLIP-style loss).
 
     `remote_text_features` are other ranks' text features (with gradients, see `distributed_flair_loss`) and
     `remote_text_indices` those ranks' own `text_indices`, in the same order; every rank has the same `B` and `K`.
     Local negatives are sampled with `generator` unless `text_indices` is given.
     """
+    if not (add_tcs_loss or add_mps_loss):
+        raise ValueError("add_tcs_loss=False needs add_mps_loss=True: the loss needs at least one of its two terms")
     batch_size, K = image_features.shape[0], captions_per_image
     check_batch_shapes(batch_size, K, text_features, text_indices)
     if len(remote_text_features) != len(remote_text_indices):
@@ -151,15 +162,19 @@ def flair_loss(
         check_batch_shapes(batch_size, K, features, indices, " of another rank (per-rank batch sizes must be equal)")
     if text_indices is None:
         text_indices = sample_text_indices(batch_size, K, generator)[1]
-    keys_values = pooling.project_keys_values(image_tokens)  # once, for the local and every remote term
+    keys_values = pooling.project_keys_values(image_tokens) if add_tcs_loss else None  # once, for every term
     device = text_features.device
-    loss = text_conditioned_sigmoid_loss(pooling, keys_values, text_features, text_indices.to(device), logit_scale, logit_bias, K)
+    terms = []
+    if add_tcs_loss:
+        terms.append(text_conditioned_sigmoid_loss(pooling, keys_values, text_features, text_indices.to(device), logit_scale, logit_bias, K))
     if add_mps_loss:
-        loss = (loss + multi_positive_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, K)) / 2
+        terms.append(multi_positive_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, K))
+    loss = sum(terms) / len(terms)
     for features, indices in zip(remote_text_features, remote_text_indices):
         loss = loss + remote_negatives_loss(
-            pooling, keys_values, image_features, features, indices.to(features.device), logit_scale, logit_bias, add_mps_loss
-        )
+            pooling, keys_values, image_features, features, indices.to(features.device), logit_scale, logit_bias,
+            add_mps_loss, add_tcs_loss,
+        )  # fmt: skip
     return loss
 
 
@@ -174,6 +189,7 @@ def distributed_flair_loss(
     text_indices: torch.Tensor | None = None,
     add_mps_loss: bool = True,
     generator: torch.Generator | None = None,
+    add_tcs_loss: bool = True,
 ):
     """`flair_loss` with every other rank's texts, scored through that rank's own `text_indices`, as negatives.
 
@@ -190,7 +206,10 @@ def distributed_flair_loss(
     if text_indices is None:
         text_indices = sample_text_indices(batch_size, K, generator)[1]
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flair_loss(pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, K, text_indices, add_mps_loss)
+        return flair_loss(
+            pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, K, text_indices, add_mps_loss,
+            add_tcs_loss=add_tcs_loss,
+        )  # fmt: skip
     from torch.distributed import _functional_collectives as collectives
 
     # autograd-aware all-gather (backward: reduce-scatter); renamed in recent torch releases
@@ -209,7 +228,7 @@ def distributed_flair_loss(
     return flair_loss(
         pooling, image_features, image_tokens, text_features, logit_scale, logit_bias, K, text_indices, add_mps_loss,
         remote_text_features=[gathered_texts[s] for s in others],
-        remote_text_indices=[gathered_indices[s] for s in others],
+        remote_text_indices=[gathered_indices[s] for s in others], add_tcs_loss=add_tcs_loss,
     )  # fmt: skip
 
 

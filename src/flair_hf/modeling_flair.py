@@ -820,6 +820,7 @@ class FlairModel(FlairPreTrainedModel):
         captions_per_image: int | None = None,
         add_mps_loss: bool = True,
         loss_across_ranks: bool = True,
+        add_tcs_loss: bool = True,
         interpolate_pos_encoding: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> FlairOutput:
@@ -831,7 +832,8 @@ class FlairModel(FlairPreTrainedModel):
 
         With `return_loss=True` (training), `T = B * captions_per_image` and caption `k` of image `i` is row
         `i * K + k`; the output holds the FLAIR loss (text-conditioned sigmoid loss, plus the multi-positive sigmoid
-        loss if `add_mps_loss`; other ranks' texts are extra negatives when torch.distributed is initialised and
+        loss if `add_mps_loss`; `add_tcs_loss=False` leaves the global multi-positive loss alone, a SigLIP-style
+        baseline; other ranks' texts are extra negatives when torch.distributed is initialised and
         `loss_across_ranks`) and the normalised embeddings. `interpolate_pos_encoding=True` takes images of other
         sizes than the model's.
 
@@ -866,6 +868,7 @@ class FlairModel(FlairPreTrainedModel):
             loss = loss_function(
                 self.text_conditioned_pooling, image_embeds, image_token_embeds, text_embeds,
                 self.logit_scale.exp(), self.logit_bias, captions_per_image, add_mps_loss=add_mps_loss,
+                add_tcs_loss=add_tcs_loss,
             )  # fmt: skip
             return FlairOutput(loss=loss, **fields)
         if flags["output_attentions"]:
