@@ -147,6 +147,13 @@ def test_ddp_on_cpu_really_uses_two_processes(data, tmp_path):
     assert_eval_equals_cli(tmp_path / "ddp", data, tmp_path)
 
 
+def test_the_global_loss_baseline_trains_under_ddp(data, tmp_path):
+    """`--add-tcs-loss false` leaves the pooling head without gradients, which DDP must be told of (else step 2 fails)."""
+    launch("ddp_cpu.yaml", train_args(data, tmp_path / "ddp", "--max-steps", "3", "--add-tcs-loss", "false"))
+    result = summary(tmp_path / "ddp")
+    assert result["world_size"] == 2 and result["steps"] == 3 and len(losses(tmp_path / "ddp")) == 3
+
+
 @pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
 def test_fsdp2_resume_equals_uninterrupted_run_and_export_loads(data, tmp_path, state_dict_type):
     options = {"launch_args": ["--fsdp_state_dict_type", state_dict_type]}

@@ -69,6 +69,7 @@ def test_options_are_parsed_by_type_from_the_command_line_and_yaml(tmp_path):
         (["--lr", "fast"], "error: --lr 'fast' is not a float"),
         (["--batch-size", "2.5"], "error: --batch-size 2.5 is not a int"),
         (["--mixed-precision", "fp8"], "error: --mixed-precision 'fp8': choose from auto, no, bf16, fp16"),
+        (["--add-tcs-loss", "false", "--add-mps-loss", "false"], "error: --add-tcs-loss false needs --add-mps-loss true"),
         (["--model-config", "{text_config: {hiden_size: 32}}"], "error: unknown key 'hiden_size' in model_config.text_config (did you mean hidden_size?)"),
         (["--model-config", "{projection: 8}"], "error: unknown key 'projection' in model_config (did you mean projection_dim?)"),
     ],
@@ -85,6 +86,8 @@ def test_bad_options_are_one_line_errors(args, message):
         (["--max-steps", "null", "--grad-clip-norm", "none"], {"max_steps": None, "grad_clip_norm": None}),
         (["--caption-keys", "[raw_caption, longSV_captions]"], {"caption_keys": ["raw_caption", "longSV_captions"]}),
         (["--tf32", "0", "--add-mps-loss", "yes"], {"tf32": False, "add_mps_loss": True}),
+        (["-q"], {"quiet": True}),
+        (["--quiet", "false"], {"quiet": False}),
     ],
 )
 def test_null_lists_and_booleans(args, expected):

@@ -62,6 +62,7 @@ class TrainConfig:
     model_config: dict = option({}, "FlairConfig fields for a model from scratch")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
     add_mps_loss: bool = option(True, "add the multi-positive sigmoid loss")
+    add_tcs_loss: bool = option(True, "the text-conditioned sigmoid loss (false: the global multi-positive loss alone, a SigLIP-style baseline)")
     # optimisation (the paper's CC3M-recap recipe)
     epochs: int = option(32, "epochs (ignored when --max-steps is set)")
     max_steps: int | None = option(None, "optimizer steps in total (default: epochs x steps per epoch)")
@@ -85,6 +86,7 @@ class TrainConfig:
     resume: str | None = option(None, '"latest" (the newest complete checkpoint, or a new run if none) or a checkpoint directory')
     overwrite: bool = option(False, "start a new run in an OUTPUT_DIR that holds one (deletes its checkpoints, logs and model)")
     log_every: int = option(10, "send metrics to the trackers every N steps")
+    quiet: bool = option(False, "no progress bar (-q): the evaluations and the summary only")
     report_to: str = option("tensorboard", "tensorboard, wandb, all or none")
     export_dir: str | None = option(None, "where the final model goes (default: OUTPUT_DIR/final)")
     eval_batch: str | None = option(None, "safetensors with pixel_values/input_ids: loss before and after training")
@@ -203,6 +205,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)!r}: choose from {', '.join(choices)}")
+    if not (config.add_tcs_loss or config.add_mps_loss):
+        raise ConfigError("--add-tcs-loss false needs --add-mps-loss true: the loss needs at least one of its terms")
     if config.model is not None and config.model_config:
         raise ConfigError("give --model (a checkpoint to start from) or --model-config (a model from scratch), not both")
     check_model_config(config.model_config)
@@ -243,6 +247,7 @@ def load_config(argv=None) -> TrainConfig:
         if "default" not in help_text:
             help_text += f" (default: {getattr(defaults, item.name)!r})"
         parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+    parser.add_argument("-q", dest="quiet", action="store_const", const=True, default=argparse.SUPPRESS, help="--quiet true")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise unknown_option_error(next((word for word in unknown if word.startswith("-")), unknown[0]))
@@ -505,6 +510,7 @@ def evaluate_loss(model, config: TrainConfig, device) -> float:
         output = model(
             input_ids=batch["input_ids"].to(device), pixel_values=batch["pixel_values"].to(device), return_loss=True,
             captions_per_image=config.captions_per_image, add_mps_loss=config.add_mps_loss, loss_across_ranks=False,
+            add_tcs_loss=config.add_tcs_loss,
         )  # fmt: skip
     model.train()
     return output.loss.item()
@@ -600,7 +606,7 @@ def resumed_position(state: dict, checkpoint: Path, rank: int, world_size: int) 
 
 def train(config: TrainConfig) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     output_dir = Path(config.output_dir)
@@ -615,6 +621,8 @@ def train(config: TrainConfig) -> dict:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # without TCS the pooling head gets no gradient, which DDP must be told of
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not config.add_tcs_loss)],
     )
     enable_fsdp_on_cpu(accelerator)
     set_seed(config.seed, device_specific=True)
@@ -670,7 +678,7 @@ def train(config: TrainConfig) -> dict:
     def rank_stats() -> dict:  # this rank's skipped-data counts since the run began
         return {key: stats_base[key] + value for key, value in stream.stats.as_dict().items()}
 
-    with tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="training") as progress:
+    with tqdm(total=total_steps, initial=step, disable=config.quiet or not accelerator.is_main_process, desc="training") as progress:
         while step < total_steps:
             stats_at_epoch_start = rank_stats()
             stream.set_epoch(position["epoch"])
@@ -691,6 +699,7 @@ def train(config: TrainConfig) -> dict:
                     output = model(
                         input_ids=batch["input_ids"].to(accelerator.device), pixel_values=batch["pixel_values"].to(accelerator.device),
                         return_loss=True, captions_per_image=config.captions_per_image, add_mps_loss=config.add_mps_loss,
+                        add_tcs_loss=config.add_tcs_loss,
                     )  # fmt: skip
                     accelerator.backward(output.loss)
                     if config.grad_clip_norm is not None and accelerator.sync_gradients:
