@@ -42,7 +42,8 @@ def load_images(args):
                 f"error: --data-root {root} has no class folders with images ({loose} files directly in it): an ImageFolder "
                 "is DIR/<class>/<image>, one folder per class"
             )
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+        # data_files, not data_dir: `datasets` would read a split name ("test", "val") from the path's folders
+        dataset = datasets.load_dataset("imagefolder", data_files={"train": str(root / "**")}, split="train")
         if "label" not in dataset.features:
             raise SystemExit(f"error: --data-root {root}: no labels found; an ImageFolder is DIR/<class>/<image>, one folder per class")
         folders = dataset.features["label"].names

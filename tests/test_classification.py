@@ -74,6 +74,18 @@ def test_cli_equals_a_direct_computation(tiny_dir, tiny_model, image_folder, tmp
         assert result["accuracy"][name]["top1"] == pytest.approx(expected, abs=1e-3), name
 
 
+def test_files_named_like_a_split_are_still_one_imagefolder(tiny_dir, image_folder, tmp_path):
+    """`datasets` reads split names from file and folder names (`test-000001-0.png`, as training/mosaics.py names
+    its items): the ImageFolder must still load whole."""
+    root = tmp_path / "items"
+    for folder in image_folder.iterdir():
+        (root / folder.name).mkdir(parents=True)
+        for image in folder.iterdir():
+            (root / folder.name / f"test-{image.name}").write_bytes(image.read_bytes())
+    result = evaluate_classification.main(["--model", str(tiny_dir), "--data-root", str(root), "--output", str(tmp_path / "r.json")])
+    assert (result["num_images"], result["num_classes"]) == (9, 3)
+
+
 def test_errors_are_one_line(tiny_dir, image_folder, tmp_path):
     with pytest.raises(SystemExit, match="imagenet-1k needs the 1,000 WordNet-id folders"):
         evaluate_classification.main(["--model", str(tiny_dir), "--dataset", "imagenet-1k", "--data-root", str(image_folder)])
