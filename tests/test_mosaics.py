@@ -55,7 +55,8 @@ def test_the_same_seed_gives_the_same_bytes_and_another_seed_others(test_split, 
     make("test", 1, 30, tmp_path / "again-test")
     make("train", 0, 60, tmp_path / "again-train")
     make("train", 5, 60, tmp_path / "other-train")
-    assert digest(tmp_path / "again-test") == digest(test_split) and len(digest(test_split)) == 63  # 30 images, 30 masks, 3 annotation files
+    items = sum(len(d["items"]) for d in json.loads((test_split / "fashion-mosaics/annotations/mosaics.json").read_text()).values())
+    assert digest(tmp_path / "again-test") == digest(test_split) and len(digest(test_split)) == 63 + items  # 30 images, 30 masks, 3 annotation files, single items
     assert digest(tmp_path / "again-train") == digest(train_split)
     assert digest(tmp_path / "other-train") != digest(train_split)
 
@@ -82,6 +83,24 @@ def test_masks_and_captions_describe_the_same_items_from_the_splits_own_photos(t
             covered[cell] = True
         assert not mask[~covered].any(), image
         assert long[image].startswith(f"{len(description['items'])} fashion items on a {description['background']} background.")
+
+
+def test_single_items_are_each_item_alone_in_its_class_folder(test_split):
+    """`fashion-items/<class>/<key>-<n>.png`: item n's cell as in the mosaic, every other pixel the background."""
+    root = test_split / "fashion-mosaics"
+    mosaics = json.loads((root / "annotations" / "mosaics.json").read_text())
+    backgrounds = {"black": (15, 15, 15), "gray": (110, 110, 110)}
+    for image, description in mosaics.items():
+        mosaic = np.asarray(Image.open(root / "images" / image))
+        for n, item in enumerate(description["items"]):
+            alone = np.asarray(Image.open(test_split / "fashion-items" / CLASSES[item["label"]].replace(" ", "_") / f"{image[:-4]}-{n}.png"))
+            place = PLACES.index(item["place"])
+            cell = (slice(32 * (place // 3), 32 * (place // 3) + 32), slice(32 * (place % 3), 32 * (place % 3) + 32))
+            assert np.array_equal(alone[cell], mosaic[cell])
+            rest = np.ones((96, 96), dtype=bool)
+            rest[cell] = False
+            assert (alone[rest] == backgrounds[description["background"]]).all()
+    assert sorted(p.name for p in (test_split / "fashion-items").iterdir()) == sorted(c.replace(" ", "_") for c in CLASSES)
 
 
 def test_training_shards_hold_dreamlip_records_from_training_photos(train_split):
@@ -148,19 +167,27 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path):
 
 
 def test_readme_training_quickstart_runs_as_written(tmp_path):
-    """The README's first training commands, from a fresh directory, on Debian's Fashion-MNIST (as CI installs it)."""
+    """The README's training quickstart from a fresh directory, on Debian's Fashion-MNIST (as CI installs it): the
+    mosaics as written; the recipe as written but for its length (20 steps, an evaluation at 10 and 20; the whole run
+    is benchmarks/benchmark_learning.py's), with -q: no progress bar, the evaluations and the summary only."""
     import re
     import shlex
 
     section = (ROOT / "README.md").read_text().split("## Training", 1)[1]
     block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
-    commands = [line for line in re.sub(r"\\\n\s*", "", block).splitlines() if line.strip() and not line.startswith("#")][:2]
-    assert commands[0].startswith("python training/mosaics.py") and commands[1].startswith("accelerate launch")
+    commands = [line for line in re.sub(r"\\\n\s*", "", block).splitlines() if line.strip() and not line.startswith("#")][:3]
+    assert [c.split()[:2] for c in commands] == [["python", "training/mosaics.py"]] * 2 + [["accelerate", "launch"]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
     for command in commands:
         words = shlex.split(command)
         words = [sys.executable, *words[1:]] if words[0] == "python" else [sys.executable, "-m", "accelerate.commands.launch", *words[2:]]
         words = [str(ROOT / word) if (ROOT / word).is_file() and "/" in word else word for word in words]
+        words += ["--max-steps", "20", "--eval-every-steps", "10"] if "train.py" in command else []
         result = subprocess.run(words, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "runs" / "mosaics-tiny" / "summary.json").read_text())["steps"] == 10
+    summary = json.loads((tmp_path / "runs" / "mosaics" / "summary.json").read_text())
+    assert summary["steps"] == 20 and "eval/fashion-mosaics-long/text_to_image_R@1" in summary
+    evals = [json.loads(line) for line in (tmp_path / "runs" / "mosaics" / "eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["benchmark"]) for r in evals] == [(s, b) for s in (10, 20) for b in ("fashion-mosaics", "fashion-mosaics-long")]
+    assert "training:" not in result.stderr + result.stdout  # -q: no progress bar
+    assert "step 20 fashion-mosaics-long (flair): text->image R@1" in result.stdout

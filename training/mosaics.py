@@ -16,7 +16,9 @@ training reads): `raw_caption` (how many items, on what), `shortSV_captions` (on
   and `annotations/{items,long}.json`: the retrieval queries, each with its one correct image (one item's sentence,
   where that sentence describes no other mosaic; the whole long caption). `--data-root OUTPUT` then serves
   `benchmarks/evaluate_retrieval.py --benchmark fashion-mosaics` (and `fashion-mosaics-long`) and
-  `benchmarks/evaluate_segmentation.py --benchmark fashion-mosaics`.
+  `benchmarks/evaluate_segmentation.py --benchmark fashion-mosaics`. It also writes `OUTPUT/fashion-items/`, an
+  ImageFolder (`<class>/<key>-<n>.png`, spaces as underscores) of each item alone (the others' cells painted with the
+  background) for `benchmarks/evaluate_classification.py --data-root OUTPUT/fashion-items`.
 
 The same arguments give the same bytes. Photos come from Debian's `dataset-fashion-mnist` (or `--source DIR`
 holding the four `*-ubyte.gz` files).
@@ -152,14 +154,33 @@ def write_train(mosaics, output: Path) -> int:
     return shards
 
 
+def cell_of(place: str) -> tuple[slice, slice]:
+    row, column = divmod(PLACES.index(place), 3)
+    return slice(row * CELL, (row + 1) * CELL), slice(column * CELL, (column + 1) * CELL)
+
+
+def single_items(image: np.ndarray, description: dict):
+    """`(label, pixels)` per item: the mosaic with every other item's cell painted with the background."""
+    for item in description["items"]:
+        alone = image.copy()
+        for other in description["items"]:
+            if other is not item:
+                alone[cell_of(other["place"])] = BACKGROUNDS[description["background"]]
+        yield item["label"], alone
+
+
 def write_test(mosaics, output: Path) -> tuple[int, int]:
-    root = output / "fashion-mosaics"
+    root, items_root = output / "fashion-mosaics", output / "fashion-items"
     for folder in ("images", "masks", "annotations"):
         (root / folder).mkdir(parents=True)
+    for name in FASHION_CLASSES:
+        (items_root / name.replace(" ", "_")).mkdir(parents=True)
     records = []
     for key, image, mask, description, captions in mosaics:
         (root / "images" / f"{key}.png").write_bytes(png_bytes(image))
         (root / "masks" / f"{key}.png").write_bytes(png_bytes(mask))
+        for n, (label, alone) in enumerate(single_items(image, description)):
+            (items_root / FASHION_CLASSES[label].replace(" ", "_") / f"{key}-{n}.png").write_bytes(png_bytes(alone))
         records.append((f"{key}.png", description, captions["longSV_captions"][0]))
     counts = Counter(item["sentence"] for _, description, _ in records for item in description["items"])
     items = [{"image": image, "caption": unique[0] + "."}
