@@ -208,7 +208,7 @@ def plot(all_curves: dict, output: Path) -> None:
             window = 25 if name == "loss" else 1
             smoothed = [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
             label = f"{'FLAIR loss, flair scores' if method == 'flair' else 'global loss, global scores'}" if seed == min(s for _, s in all_curves) else None
-            axis.plot(steps, smoothed, color=colours[method], alpha=0.8, label=label)
+            axis.plot(steps, smoothed, color=colours[method], alpha=0.8, label=label, marker=None if name == "loss" else "o", markersize=3)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
     axes[0].legend(fontsize=8)

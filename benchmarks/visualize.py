@@ -62,7 +62,7 @@ def draw(maps, logits, pictures, captions: list[str], kind: str, output: Path, a
             axis.set_title("\n".join(textwrap.wrap(title, 30)) + f"\nFLAIR logit {logits[i, t]:.2f}", fontsize=8)
             axis.axis("off")
     figure.suptitle(f"FLAIR {kind} maps", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (3.6 * rows)))  # room for the title above the panels' titles
     partial = output.with_name(f".{output.name}.{os.getpid()}.tmp.png")
     figure.savefig(partial, dpi=80)
     plt.close(figure)

@@ -1,9 +1,16 @@
-"""Offline demo: convert the bundled tiny FLAIR checkpoint (random weights), load it with remote code, score images.
+"""Offline demo: FLAIR scoring images it never saw, with nothing from the Hub.
 
-    python conversion/offline_demo.py [--output-dir DIR]
+    python conversion/offline_demo.py
+    python conversion/offline_demo.py --convert-tiny [--output-dir DIR]
 
-Needs nothing from the Hub. The weights are random, so the scores are meaningless; the point is the whole path:
-original `.pt` -> converter -> `AutoModel` / `AutoProcessor` with `trust_remote_code=True` -> FLAIR and CLIP logits.
+By default it loads the bundled small FLAIR (`demo/flair-fashion-mosaics`, trained on Fashion-MNIST mosaics by
+`training/train.py --config training/configs/mosaics_cpu.yaml`; for photos use a converted release) with
+`AutoModel` / `AutoProcessor` and `trust_remote_code=True`, and scores the bundled held-out mosaics
+(`demo/examples/`) against captions that each name one item of one of them: FLAIR and CLIP logits, and the image
+each caption ranks first.
+
+`--convert-tiny` walks the converter's path instead: the bundled tiny original checkpoint (random weights, so its
+scores mean nothing) -> converter -> `AutoModel` / `AutoProcessor` -> FLAIR and CLIP logits on two photos.
 """
 
 import argparse
@@ -18,14 +25,22 @@ from flair_hf_conversion.convert_flair_to_hf import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
+BUNDLED_MODEL = ROOT / "demo" / "flair-fashion-mosaics"
+EXAMPLES = ROOT / "demo" / "examples"
 
 CAPTIONS = ["a photo of a dog", "a football player in a red shirt", "a red ladybug on green beads", "a white desk"]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", help="keep the converted model in DIR/flair-tiny (default: a temporary directory, removed)")
+    parser.add_argument("--convert-tiny", action="store_true", help="convert the bundled tiny random checkpoint instead")
+    parser.add_argument("--output-dir", help="with --convert-tiny: keep the model in DIR/flair-tiny (default: a temporary directory, removed)")
     args = parser.parse_args(argv)
+    if not args.convert_tiny:
+        if args.output_dir:
+            parser.error("--output-dir goes with --convert-tiny (the bundled model is not converted)")
+        score_examples()
+        return
     if args.output_dir is None:
         with tempfile.TemporaryDirectory(prefix="flair-demo-") as directory:
             run(Path(directory) / "flair-tiny")
@@ -35,6 +50,26 @@ def main(argv=None) -> None:
         print(f"replacing the tiny model converted earlier in {output_dir}")
         shutil.rmtree(output_dir)
     run(output_dir)
+
+
+def score_examples() -> None:
+    """The bundled trained model on the bundled held-out mosaics: logits and each caption's first image."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(BUNDLED_MODEL, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(BUNDLED_MODEL, trust_remote_code=True)
+    examples = json.loads((EXAMPLES / "captions.json").read_text())
+    names, captions = list(examples), [items[0] for items in examples.values()]
+    inputs = processor(text=captions, images=[str(EXAMPLES / name) for name in names])
+    with torch.no_grad():
+        output = model(**inputs)
+    torch.set_printoptions(precision=2, sci_mode=False)
+    print(f"{BUNDLED_MODEL.name}: a small FLAIR trained on Fashion-MNIST mosaics; for photos use a converted release")
+    print(f"images: {names}")
+    print(f"FLAIR logits (text-conditioned, with logit_bias), images x captions:\n{output.logits_per_image}")
+    print(f"CLIP logits (global embeddings, no bias), images x captions:\n{output.logits_per_image_as_clip}")
+    for caption, best in zip(captions, output.logits_per_image.argmax(0).tolist()):
+        print(f"{caption!r} -> {names[best]}")
 
 
 def run(output_dir: Path) -> None:

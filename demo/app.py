@@ -3,8 +3,8 @@
     python demo/app.py [--model DIR_OR_HUB_ID] [--gallery DIR] [--port 7860]
 
 Also a Hugging Face Space's `app.py` (the model from `FLAIR_MODEL`, the gallery from `FLAIR_GALLERY`). Without a
-model it builds a tiny FLAIR with random weights (a banner says so), so the page works offline. Every number on the
-page comes from `flair_hf`.
+model it runs the bundled small FLAIR trained on Fashion-MNIST mosaics (`demo/flair-fashion-mosaics`; a banner says
+so), so the page works offline. Every number on the page comes from `flair_hf`.
 
 Safe to expose: visitors never name a path on the server. They search their own uploads, or the gallery the operator
 chose with `--gallery` (indexed once at start-up). Uploads are capped in count, bytes and pixels; one model call runs
@@ -26,16 +26,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flair_hf import FlairConfig, FlairImageProcessor, FlairModel, FlairProcessor, FlairTokenizer
+from flair_hf import FlairModel, FlairProcessor
 from flair_hf.dense import dense_maps, feature_maps, upsample_maps
 from flair_hf.retrieval import flair_scores, global_scores
 from flair_hf.scorer import load_failure
 from flair_hf.segmentation import SegmentationSet, segment_image
 from flair_hf.zero_shot import class_query_embeddings, imagenet_templates
 
-TINY = {"projection_dim": 32, "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
-        "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}}  # fmt: skip
-RANDOM_BANNER = "**This page runs a tiny FLAIR with random weights: the scores and maps mean nothing.** Start it with `--model` (a converted FLAIR) to see what FLAIR sees."
+BUNDLED_MODEL = Path(__file__).resolve().parent / "flair-fashion-mosaics"
+BUNDLED_BANNER = "**This page runs a small FLAIR trained on Fashion-MNIST mosaics; for photos use a converted release** (`--model`)."
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
                     (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)], dtype=np.uint8)  # fmt: skip
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -49,14 +48,9 @@ CACHE_LIFETIME = 3600  # seconds Gradio keeps a result image in its cache (clean
 
 
 def load(model_id: str | None) -> tuple[FlairModel, FlairProcessor, bool]:
-    """`(model, processor, random_weights)`: a converted FLAIR, or a seeded tiny random one."""
-    if model_id:
-        return FlairModel.from_pretrained(model_id).eval(), FlairProcessor.from_pretrained(model_id), False
-    torch.manual_seed(0)
-    model = FlairModel(FlairConfig(**TINY)).eval()
-    size = model.config.vision_config.image_size
-    image_processor = FlairImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return model, FlairProcessor(image_processor, FlairTokenizer.from_bpe_vocab()), True
+    """`(model, processor, bundled)`: `model_id`'s FLAIR, or without one the bundled small model."""
+    path = model_id or BUNDLED_MODEL
+    return FlairModel.from_pretrained(path).eval(), FlairProcessor.from_pretrained(path), not model_id
 
 
 def lines(text: str | None, what: str) -> list[str]:
@@ -264,14 +258,14 @@ class Demo:
         return table("search-results", ["image", "FLAIR cosine", "global cosine"], rows), gallery
 
 
-def build(model: FlairModel, processor: FlairProcessor, random_weights: bool, gallery: ImageIndex | None = None) -> gr.Blocks:
+def build(model: FlairModel, processor: FlairProcessor, bundled: bool, gallery: ImageIndex | None = None) -> gr.Blocks:
     """The page; `gallery` (from `index_images` on the operator's folder) is searchable beside the visitor's uploads."""
     demo = Demo(model, processor, gallery)
     model_call = {"concurrency_id": "model", "concurrency_limit": 1}  # every tab's model call shares one slot
     with gr.Blocks(title="FLAIR: what each caption looks at", delete_cache=(CACHE_LIFETIME // 2, CACHE_LIFETIME)) as page:
         gr.Markdown("# FLAIR: fine-grained, text-conditioned image embeddings")
-        if random_weights:
-            gr.Markdown(RANDOM_BANNER, elem_id="random-banner")
+        if bundled:
+            gr.Markdown(BUNDLED_BANNER, elem_id="bundled-banner")
         kinds = gr.Radio(["attention", "similarity"], value="attention", label="heatmap: pooling attention or patch similarity")
         with gr.Tab("Captions", id="captions"):
             with gr.Row():
@@ -329,12 +323,12 @@ def load_or_exit(model_id: str | None) -> tuple[FlairModel, FlairProcessor, bool
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.environ.get("FLAIR_MODEL"), help="converted FLAIR directory or Hub id (default: $FLAIR_MODEL, else a tiny random model)")
+    parser.add_argument("--model", default=os.environ.get("FLAIR_MODEL"), help="converted FLAIR directory or Hub id (default: $FLAIR_MODEL, else the bundled small FLAIR)")
     parser.add_argument("--gallery", default=os.environ.get("FLAIR_GALLERY"), help="a folder of images visitors may search, indexed at start-up (default: $FLAIR_GALLERY, else none)")
     parser.add_argument("--gallery-limit", type=int, default=GALLERY_LIMIT, help=f"most images the gallery may hold (default: {GALLERY_LIMIT})")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port (default: 7860)")
     args = parser.parse_args(argv)
-    model, processor, random_weights = load_or_exit(args.model)
+    model, processor, bundled = load_or_exit(args.model)
     gallery = None
     if args.gallery:
         paths = gallery_paths(args.gallery, args.gallery_limit)
@@ -343,7 +337,7 @@ def main(argv=None) -> None:
         except gr.Error as error:
             raise SystemExit(f"error: --gallery {args.gallery}: {error.message}") from None
         print(f"gallery: {len(gallery.names)} images indexed" + "".join(f"\nskipped {item}" for item in gallery.skipped), file=sys.stderr)
-    serve(build(model, processor, random_weights, gallery), args.port)
+    serve(build(model, processor, bundled, gallery), args.port)
 
 
 if __name__ == "__main__":

@@ -29,28 +29,31 @@ spec = importlib.util.spec_from_file_location("demo_app", ROOT / "demo" / "app.p
 app = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(app)
 
-IMAGE = FIXTURES / "images" / "puppy.jpg"
-CAPTIONS = ["a small white puppy", "a red ladybug on green beads", "a white door"]
+EXAMPLES = ROOT / "demo" / "examples"  # held-out mosaics for the bundled model, which serves the page here
+IMAGE = EXAMPLES / "mosaic-000000.png"
+CAPTIONS = ["A large yellow pullover at the top", "A small red dress at the bottom", "A large orange coat at the bottom right"]
+CLASSES = ["pullover", "dress", "coat"]
+QUERY = "A small white sneaker on the right"  # an item of mosaic-000001.png
 
 
-GALLERY = ("puppy.jpg", "arsenal.jpg", "tall_300x500.png", "wide_640x360.png")
+GALLERY = ("mosaic-000000.png", "mosaic-000001.png", "mosaic-000002.png", "mosaic-000003.png")
 
 
 @pytest.fixture(scope="module")
 def gallery_dir(tmp_path_factory):
-    """The operator's gallery: four fixture photos and one file that is not an image."""
+    """The operator's gallery: the four example mosaics and one file that is not an image."""
     folder = tmp_path_factory.mktemp("gallery")
     for name in GALLERY:
-        shutil.copy(FIXTURES / "images" / name, folder / name)
+        shutil.copy(EXAMPLES / name, folder / name)
     (folder / "broken.png").write_bytes(b"not a png")
     return folder
 
 
 @pytest.fixture(scope="module")
-def served(tiny_dir, gallery_dir):
-    model, processor, random_weights = app.load(str(tiny_dir))
+def served(gallery_dir):
+    model, processor, bundled = app.load(None)
     gallery = app.index_images(model, processor, app.gallery_paths(str(gallery_dir), app.GALLERY_LIMIT))
-    page = app.build(model, processor, random_weights, gallery)
+    page = app.build(model, processor, bundled, gallery)
     port = free_port()
     app.serve(page, port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}", model, processor
@@ -148,7 +151,7 @@ def test_classify_tab_shows_flair_and_clip_scores(served, browser, tmp_path):
     url, model, processor = served
     open_tab(browser, url, "Classify")
     upload(browser, "classify", IMAGE)
-    type_lines(browser, "#classify-text textarea", ["dog", "ladybug", "door"])
+    type_lines(browser, "#classify-text textarea", CLASSES)
     find(browser, "#classify-run").click()
     shown = {name: (float(flair), float(clip)) for name, flair, clip in rows(browser, "class-scores")}
     # independent: each class's 80 prompts embedded one class at a time (normalise, average, normalise), then the
@@ -162,7 +165,7 @@ def test_classify_tab_shows_flair_and_clip_scores(served, browser, tmp_path):
             pooled = model.text_conditioned_pooling(query[None], tokens)[0][0, 0]
             assert flair == pytest.approx(F.cosine_similarity(pooled, query, dim=0).item(), abs=1e-4), name
             assert clip == pytest.approx(F.cosine_similarity(image_embeds[0], query, dim=0).item(), abs=1e-4), name
-    assert set(shown) == {"dog", "ladybug", "door"}
+    assert set(shown) == set(CLASSES)
     screenshot(browser, "classify", tmp_path)
 
 
@@ -172,11 +175,11 @@ def test_segment_tab_shows_a_mask_and_a_legend(served, browser, tmp_path):
     url, _, _ = served
     open_tab(browser, url, "Segment")
     upload(browser, "segment", IMAGE)
-    type_lines(browser, "#segment-text textarea", ["dog", "door", "floor"])
+    type_lines(browser, "#segment-text textarea", CLASSES)
     find(browser, "#segment-run").click()
     legend = find(browser, "#segment-legend")
     items = [item.text for item in legend.find_elements(By.TAG_NAME, "li")]
-    assert [item.split(":")[0] for item in items] == ["dog", "door", "floor"]
+    assert [item.split(":")[0] for item in items] == CLASSES
     assert sum(float(item.split(":")[1].strip().rstrip("%")) for item in items) == pytest.approx(100.0, abs=0.2)
     find(browser, "#segment-mask img")
     screenshot(browser, "segment", tmp_path)
@@ -189,7 +192,7 @@ def expected_search(model, processor, names, query):
         text = model.get_text_embeds(processor(text=[query])["input_ids"])
         scores = {}
         for name in names:
-            image_embeds, tokens = model.get_image_and_token_features(processor(images=Image.open(FIXTURES / "images" / name))["pixel_values"])
+            image_embeds, tokens = model.get_image_and_token_features(processor(images=Image.open(EXAMPLES / name))["pixel_values"])
             pooled = model.text_conditioned_pooling(text, tokens)[0][0, 0]
             scores[name] = (F.cosine_similarity(pooled, text[0], dim=0).item(), F.cosine_similarity(image_embeds[0], text[0], dim=0).item())
     return scores
@@ -209,11 +212,11 @@ def test_search_tab_reranks_the_operators_gallery_by_flair(served, browser, tmp_
     open_tab(browser, url, "Search")
     note = find(browser, "#search-gallery-note").text
     assert note.startswith("The gallery holds 4 images (skipped: broken.png (Cannot read broken.png as an image"), note
-    find(browser, "#search-text textarea, #search-text input").send_keys("a small white puppy")
+    find(browser, "#search-text textarea, #search-text input").send_keys(QUERY)
     find(browser, "#search-run").click()
     shown = rows(browser, "search-results")
     assert len(shown) == len(GALLERY)
-    assert_search_rows(shown, expected_search(model, processor, GALLERY, "a small white puppy"), len(GALLERY))
+    assert_search_rows(shown, expected_search(model, processor, GALLERY, QUERY), len(GALLERY))
     find(browser, "#search-maps img")
     screenshot(browser, "search", tmp_path)
 
@@ -225,15 +228,15 @@ def test_search_of_uploads_skips_and_names_an_unreadable_one(served, browser, tm
     open_tab(browser, url, "Search")
     broken = tmp_path / "notes.png"
     broken.write_bytes(b"not a png")
-    uploads = [FIXTURES / "images" / "puppy.jpg", FIXTURES / "images" / "arsenal.jpg", broken]
+    uploads = [EXAMPLES / "mosaic-000002.png", EXAMPLES / "mosaic-000003.png", broken]
     find(browser, "#search-uploads input[type=file]").send_keys("\n".join(str(p) for p in uploads))
     next(label for label in browser.find_elements(By.CSS_SELECTOR, "#search-source label") if label.text.strip() == "uploads").click()
-    find(browser, "#search-text textarea, #search-text input").send_keys("a red ladybug")
+    find(browser, "#search-text textarea, #search-text input").send_keys("A large red dress at the bottom")
     time.sleep(1)  # the uploads reach the server
     find(browser, "#search-run").click()
     wait_for_text(browser, "Skipped notes.png (Cannot read notes.png as an image")
     shown = rows(browser, "search-results")
-    assert_search_rows(shown, expected_search(model, processor, ["puppy.jpg", "arsenal.jpg"], "a red ladybug"), 8)
+    assert_search_rows(shown, expected_search(model, processor, ["mosaic-000002.png", "mosaic-000003.png"], "A large red dress at the bottom"), 8)
 
 
 def call_api(url, endpoint, data):
@@ -308,7 +311,7 @@ def test_eight_concurrent_clients_all_get_the_librarys_scores(served):
     from gradio_client import Client, handle_file
 
     expected_captions = FlairScorer(model, processor).score(str(IMAGE), CAPTIONS)["logits"][0]
-    expected_gallery = expected_search(model, processor, GALLERY, "a small white puppy")
+    expected_gallery = expected_search(model, processor, GALLERY, QUERY)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     failures, answered = [], []
 
@@ -321,7 +324,7 @@ def test_eight_concurrent_clients_all_get_the_librarys_scores(served):
                     shown = {caption: float(flair) for caption, flair, _, _ in table_rows(table)}
                     assert shown == pytest.approx(dict(zip(CAPTIONS, expected_captions.tolist())), abs=1e-4)
                 else:
-                    table = client.predict("gallery", None, "a small white puppy", 8, "similarity", api_name="/search")[0]
+                    table = client.predict("gallery", None, QUERY, 8, "similarity", api_name="/search")[0]
                     assert_search_rows(table_rows(table), expected_gallery, len(GALLERY))
                 answered.append(number)
             except Exception as error:  # noqa: BLE001 (collected, reported below)
@@ -354,11 +357,12 @@ def test_bad_input_is_a_message_on_the_page(served, browser):
     wait_for_text(browser, "Upload some images to search.")
 
 
-def test_without_a_model_the_page_says_its_weights_are_random():
-    model, processor, random_weights = app.load(None)
-    assert random_weights and sum(p.numel() for p in model.parameters()) < 5_000_000
-    assert app.RANDOM_BANNER in app.build(model, processor, random_weights).config["components"].__repr__()
-    assert torch.isfinite(model(**processor(text=["a dog"], images=Image.open(IMAGE))).logits_per_image).all()
+def test_without_a_model_the_page_runs_the_bundled_model_and_says_so():
+    model, processor, bundled = app.load(None)
+    assert bundled and model.config.vision_config.image_size == 96
+    assert app.BUNDLED_BANNER in app.build(model, processor, bundled).config["components"].__repr__()
+    assert "a small FLAIR trained on Fashion-MNIST mosaics; for photos use a converted release" in app.BUNDLED_BANNER
+    assert not app.load(str(app.BUNDLED_MODEL))[2]  # named with --model: no banner
 
 
 @pytest.mark.parametrize("line", [0, 1])
@@ -383,7 +387,7 @@ def test_readme_commands_serve_the_page(tiny_dir, gallery_dir, line):
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:] if server.poll() is not None else "timeout"
                 time.sleep(1)
-        assert "Score captions" in page and app.RANDOM_BANNER not in page
+        assert "Score captions" in page and app.BUNDLED_BANNER not in page
         assert ("The gallery holds 4 images" in page) == ("--gallery" in command)
     finally:
         server.terminate()
