@@ -328,10 +328,10 @@ def main(argv=None) -> None:
     parser.add_argument("--gallery-limit", type=int, default=GALLERY_LIMIT, help=f"most images the gallery may hold (default: {GALLERY_LIMIT})")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port (default: 7860)")
     args = parser.parse_args(argv)
+    paths = gallery_paths(args.gallery, args.gallery_limit) if args.gallery else None  # its mistakes before the model loads
     model, processor, bundled = load_or_exit(args.model)
     gallery = None
-    if args.gallery:
-        paths = gallery_paths(args.gallery, args.gallery_limit)
+    if paths is not None:
         try:
             gallery = index_images(model, processor, paths)
         except gr.Error as error:

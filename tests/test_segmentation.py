@@ -196,6 +196,25 @@ def test_readme_segmentation_command(tiny_dir, data_root, tmp_path):
     assert [r["benchmark"] for r in results] == ["voc20", "context59"] and (tmp_path / "segmentation.md").is_file()
 
 
+def test_readme_offline_segmentation_on_the_bundled_model(tmp_path):
+    """The second block, as written, from a directory holding the repository's folders: the bundled model on the 500
+    held-out mosaics, every class present, written as the first block's output is."""
+    import re
+    import shlex
+    import subprocess
+
+    section = (ROOT / "README.md").read_text().split("## Zero-shot semantic segmentation", 1)[1].split("\n## ", 1)[0]
+    commands = re.sub(r"\\\n\s*", "", re.findall(r"```bash\n(.*?)```", section, flags=re.S)[1]).strip().splitlines()
+    for name in ("benchmarks", "training", "demo"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    for command in commands:
+        result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "out" / "segmentation.json").read_text())
+    assert result["num_images"] == 500 and result["method"] == "attention" and result["num_classes_present"] == 11
+    assert (tmp_path / "out" / "segmentation.md").is_file() and 0 <= result["mIoU"] <= 100
+
+
 def test_help_lists_layouts_and_how_to_obtain_them(capsys):
     with pytest.raises(SystemExit):
         segmentation_cli.main(["--help"])
