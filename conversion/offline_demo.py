@@ -52,44 +52,38 @@ def main(argv=None) -> None:
     run(output_dir)
 
 
-def score_examples() -> None:
-    """The bundled trained model on the bundled held-out mosaics: logits and each caption's first image."""
+def print_logits(model_dir: Path, images: list[Path], captions: list[str]):
+    """Load `model_dir` with remote code, score `images` x `captions`, print both kinds of logits; the output."""
     from transformers import AutoModel, AutoProcessor
 
-    model = AutoModel.from_pretrained(BUNDLED_MODEL, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(BUNDLED_MODEL, trust_remote_code=True)
-    examples = json.loads((EXAMPLES / "captions.json").read_text())
-    names, captions = list(examples), [items[0] for items in examples.values()]
-    inputs = processor(text=captions, images=[str(EXAMPLES / name) for name in names])
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     with torch.no_grad():
-        output = model(**inputs)
-    torch.set_printoptions(precision=2, sci_mode=False)
-    print(f"{BUNDLED_MODEL.name}: a small FLAIR trained on Fashion-MNIST mosaics; for photos use a converted release")
-    print(f"images: {names}")
+        output = model(**processor(text=captions, images=[str(path) for path in images]))
+    torch.set_printoptions(precision=3, sci_mode=False)
+    print(f"images: {[path.name for path in images]}\ncaptions: {captions}")
     print(f"FLAIR logits (text-conditioned, with logit_bias), images x captions:\n{output.logits_per_image}")
     print(f"CLIP logits (global embeddings, no bias), images x captions:\n{output.logits_per_image_as_clip}")
+    return output
+
+
+def score_examples() -> None:
+    """The bundled trained model on the bundled held-out mosaics: logits and each caption's first image."""
+    print(f"{BUNDLED_MODEL.name}: a small FLAIR trained on Fashion-MNIST mosaics; for photos use a converted release")
+    examples = json.loads((EXAMPLES / "captions.json").read_text())
+    names, captions = list(examples), [items[0] for items in examples.values()]
+    output = print_logits(BUNDLED_MODEL, [EXAMPLES / name for name in names], captions)
     for caption, best in zip(captions, output.logits_per_image.argmax(0).tolist()):
         print(f"{caption!r} -> {names[best]}")
 
 
 def run(output_dir: Path) -> None:
     """Convert the bundled checkpoint to `output_dir`, load it with remote code and print both kinds of logits."""
-    from transformers import AutoModel, AutoProcessor
-
     model_cfg = json.loads((FIXTURES / "tiny" / "open_clip_config.json").read_text())["model_cfg"]
     report = convert(str(FIXTURES / "tiny" / "flair-tiny-train-ckpt.pt"), output_dir, model_cfg, run_verify=True)
     print(f"converted the bundled tiny checkpoint to {output_dir} (verify: {report['max_abs_difference']})")
 
-    model = AutoModel.from_pretrained(output_dir, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(output_dir, trust_remote_code=True)
-    images = sorted((FIXTURES / "images").glob("*.jpg"))
-    inputs = processor(text=CAPTIONS, images=[str(p) for p in images])
-    with torch.no_grad():
-        output = model(**inputs)
-    torch.set_printoptions(precision=3, sci_mode=False)
-    print(f"images: {[p.name for p in images]}\ncaptions: {CAPTIONS}")
-    print(f"FLAIR logits (text-conditioned, with logit_bias), images x captions:\n{output.logits_per_image}")
-    print(f"CLIP logits (global embeddings, no bias), images x captions:\n{output.logits_per_image_as_clip}")
+    print_logits(output_dir, sorted((FIXTURES / "images").glob("*.jpg")), CAPTIONS)
 
 
 if __name__ == "__main__":
