@@ -10,7 +10,8 @@ the untrained network, an empirical chance level). The mosaics are built first w
 training, 500 held-out, `training/mosaics.py`); mosaics and finished runs are reused when made by the same command
 and recipe (others are an error, never a silent reuse). Each final model is then evaluated on the held-out mosaics by
 the evaluation CLIs: one-item sentence -> image and long caption -> image retrieval in flair, topk and global
-scoring, segmentation mIoU (similarity maps) and zero-shot classification of single items. On the first seed's
+scoring, segmentation mIoU (similarity maps, as the paper, and pooling-attention maps) and zero-shot classification
+of single items. On the first seed's
 FLAIR model it also measures drift: bf16 autocast and ONNX Runtime fp32 / int8 against PyTorch fp32 (top-1
 agreement and R@1 of one-item retrieval in flair scoring). Writes JSON (per run; mean and sample standard deviation
 over seeds; analytic chance) and a PNG of the training loss and the in-training evaluation curves.
@@ -33,7 +34,7 @@ from flair_hf.evaluation import encode_features, flatten_captions, retrieval_sco
 from flair_hf.retrieval_data import load_benchmark
 from flair_hf_benchmarks import evaluate_classification, evaluate_retrieval, evaluate_segmentation
 from flair_hf_benchmarks.model_loading import load_model_and_processor
-from flair_hf_benchmarks.reporting import write_json
+from flair_hf_benchmarks.reporting import write_results
 from flair_hf_training.mosaics import SAMPLES_PER_SHARD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,18 +108,19 @@ def train(work: Path, train_data: Path, test_data: Path, method: str, seed: int,
 
 
 def evaluate(model_dir: Path, test_data: Path, scratch: Path) -> dict:
-    """Held-out metrics of one model, flat: `items/flair/R@1`, `segmentation/mIoU`, `classification/clip/top1`, ..."""
+    """Held-out metrics of one model, flat: `items/flair/R@1`, `segmentation/similarity/mIoU`, `classification/clip/top1`, ..."""
     metrics = {}
     for mode in MODES:
         argv = ["--model", str(model_dir), "--data-root", str(test_data), "--mode", mode, "--output", str(scratch / "retrieval.json")]
         for result in evaluate_retrieval.main(argv + [f"--benchmark={name}" for name in RETRIEVAL]):
             for k in (1, 5):
                 metrics[f"{RETRIEVAL[result['benchmark']]}/{mode}/R@{k}"] = result["metrics"][f"text_to_image_R@{k}"]
-    (segmentation,) = evaluate_segmentation.main([
-        "--model", str(model_dir), "--benchmark", "fashion-mosaics", "--data-root", str(test_data), "--crop", "96",
-        "--stride", "48", "--output", str(scratch / "segmentation.json"),
-    ])  # fmt: skip
-    metrics["segmentation/mIoU"] = segmentation["mIoU"]
+    for method in ("similarity", "attention"):
+        (segmentation,) = evaluate_segmentation.main([
+            "--model", str(model_dir), "--benchmark", "fashion-mosaics", "--data-root", str(test_data), "--crop", "96",
+            "--stride", "48", "--method", method, "--output", str(scratch / "segmentation.json"),
+        ])  # fmt: skip
+        metrics[f"segmentation/{method}/mIoU"] = segmentation["mIoU"]
     classification = evaluate_classification.main([
         "--model", str(model_dir), "--data-root", str(test_data / "fashion-items"), "--output", str(scratch / "classification.json"),
     ])  # fmt: skip
@@ -148,13 +150,55 @@ def summarise(per_seed: list[dict]) -> dict:
 
 def claim(summary: dict) -> dict:
     """FLAIR (text-conditioned scores) minus the global-loss baseline (global scores), against the seeds' spread."""
-    comparisons = {"one-item R@1": ("items/flair/R@1", "items/global/R@1"), "segmentation mIoU": ("segmentation/mIoU", "segmentation/mIoU")}
+    comparisons = {  # fixed before any run: FLAIR's own scores against the baseline's; segmentation as the paper's (similarity)
+        "one-item R@1": ("items/flair/R@1", "items/global/R@1"),
+        "segmentation mIoU": ("segmentation/similarity/mIoU", "segmentation/similarity/mIoU"),
+    }
     verdict = {}
     for label, (ours, theirs) in comparisons.items():
         flair, baseline = summary["flair"][ours], summary["global"][theirs]
         margin, spread = flair["mean"] - baseline["mean"], max(flair["std"], baseline["std"])
         verdict[label] = {"flair": flair["mean"], "global_loss": baseline["mean"], "margin": margin, "spread": spread, "holds": margin > spread}
     return verdict
+
+
+ROWS = {  # table row -> metric name
+    "one-item sentence -> image R@1": "items/{mode}/R@1",
+    "one-item sentence -> image R@5": "items/{mode}/R@5",
+    "long caption -> image R@1": "long/{mode}/R@1",
+    "long caption -> image R@5": "long/{mode}/R@5",
+    "segmentation mIoU, similarity maps": "segmentation/similarity/mIoU",
+    "segmentation mIoU, attention maps": "segmentation/attention/mIoU",
+    "zero-shot top-1, single items": "classification/{scoring}/top1",
+}
+COLUMNS = {  # column -> (method, retrieval mode, classification scoring)
+    "untrained": ("untrained", "flair", "flair"),
+    "global loss, global scores": ("global", "global", "clip"),
+    "FLAIR, global scores": ("flair", "global", "clip"),
+    "FLAIR, topk": ("flair", "topk", "flair"),
+    "FLAIR, flair scores": ("flair", "flair", "flair"),
+}
+
+
+def markdown_table(result: dict) -> str:
+    """Mean ± sample standard deviation over seeds (percent), chance where it is analytic."""
+    lines = ["| held-out metric (%) | chance | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for row, template in ROWS.items():
+        cells = []
+        for method, mode, scoring in COLUMNS.values():
+            stats = result["summary"][method][template.format(mode=mode, scoring=scoring)]
+            cells.append(f"{stats['mean']:.1f} ± {stats['std']:.1f}")
+        chance = result["chance"].get(template.format(mode="flair", scoring="flair"))
+        lines.append(f"| {row} | {'–' if chance is None else f'{chance:.1f}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def drift_table(drift_result: dict) -> str:
+    """One-item retrieval of the first seed's FLAIR model (flair scores) in other precisions and runtimes."""
+    lines = [f"| {drift_result['queries']} one-item queries | top-1 equal to PyTorch fp32 (%) | R@1 (%) |", "|---|---|---|",
+             f"| PyTorch fp32 | 100.0 | {drift_result['fp32 R@1']:.1f} |"]  # fmt: skip
+    lines += [f"| {name} | {v['top1_agreement']:.1f} | {v['R@1']:.1f} |" for name, v in drift_result.items() if isinstance(v, dict)]
+    return "\n".join(lines)
 
 
 def drift(model_dir: Path, test_data: Path, scratch: Path) -> dict:
@@ -253,7 +297,7 @@ def main(argv=None) -> dict:
         "per_run": per_run,
         "training_seconds": seconds,
     }
-    write_json(result, output)
+    write_results(result, markdown_table(result) + "\n\n" + drift_table(result["drift"]), output)
     plot({key: curves(run_dir) for key, run_dir in runs.items() if key[0] != "untrained"}, output.with_suffix(".png"))
     for label, verdict in result["claim"].items():
         print(f"{label}: FLAIR {verdict['flair']:.2f}, global loss {verdict['global_loss']:.2f}, margin {verdict['margin']:+.2f} "
