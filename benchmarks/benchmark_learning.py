@@ -269,7 +269,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-mosaics", type=int, default=20000, help="training mosaics (default: 20000)")
     parser.add_argument("--test-mosaics", type=int, default=500, help="held-out mosaics (default: 500)")
     parser.add_argument("--source", help="Fashion-MNIST's *-ubyte.gz folder (default: Debian's dataset-fashion-mnist)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2:
+        parser.error("--seeds needs two or more distinct seeds (the verdict compares against their spread)")
+    return args
 
 
 def main(argv=None) -> dict:

@@ -820,8 +820,8 @@ class FlairModel(FlairPreTrainedModel):
         captions_per_image: int | None = None,
         add_mps_loss: bool = True,
         loss_across_ranks: bool = True,
-        add_tcs_loss: bool = True,
         interpolate_pos_encoding: bool = False,
+        add_tcs_loss: bool = True,
         **kwargs: Unpack[TransformersKwargs],
     ) -> FlairOutput:
         r"""
