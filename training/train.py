@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -793,5 +794,17 @@ def main(argv=None):
     raise ConfigError(message)
 
 
+def exit_with_one_line(error: SystemExit):
+    """Print a string exit message in one write, so that the lines of ranks failing together never interleave."""
+    if not isinstance(error.code, str):
+        raise error
+    sys.stderr.flush()
+    os.write(2, f"{error.code}\n".encode())
+    raise SystemExit(1)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as error:
+        exit_with_one_line(error)
