@@ -7,7 +7,7 @@ Class names (SCLIP's files; `a, b` on a line = synonyms of one class) through th
 image resized to the set's short side, 224x224 sliding windows (stride 112) of patch-token / class cosines (or, with
 `--method attention`, the pooling head's caption attention maps), averaged, upsampled to the image, softmax with the
 set's logit scale, background by probability threshold (and area threshold for voc21). Every number has an option;
-the per-set defaults are in the table of the README and `flair_hf.segmentation.SEGMENTATION_SETS`. Writes JSON and a
+the per-set defaults are in the table of docs/dense-maps.md and `flair_hf.segmentation.SEGMENTATION_SETS`. Writes JSON and a
 markdown table (next to the JSON, `.md`) and prints the table.
 """
 

@@ -4,7 +4,7 @@
     python -u benchmarks/gpu_suite.py --sections evaluation,segmentation --output gpu-suite-2.json
     python benchmarks/gpu_suite.py --device cpu --scale tiny --output /tmp/gpu-suite-dry-run.json   # dry run
 
-On a lent device machine, `benchmarks/device_run.sh 1` and `2` run the two halves (README, "GPU suite").
+On a GPU machine without network access, `benchmarks/device_run.sh 1` and `2` run the two halves (docs/benchmarks.md, "GPU suite").
 Each section runs on its own (an exception or its time limit is recorded with its traceback and the next section
 runs); the JSON is rewritten and the section's markdown printed after every section, so a run killed midway keeps
 what finished. `--output` defaults to `$OUT/gpu-suite.json` when `OUT` is set.

@@ -38,7 +38,7 @@ from flair_hf_conversion.convert_flair_to_hf import ConversionError, check_outpu
 OPSET = 18
 QUANTIZATIONS = ("int8",)
 CHECK_TOLERANCE = 1e-4  # fp32 graphs against PyTorch (embeddings and cosines)
-# int8 graphs: guards against a broken quantization, not quality bounds (measured drift: README, "Deploying")
+# int8 graphs: guards against a broken quantization, not quality bounds (measured drift: docs/deployment.md)
 INT8_MIN_EMBEDDING_COSINE, INT8_MAX_COSINE_DIFFERENCE = 0.99, 0.05
 
 

@@ -1,4 +1,4 @@
-"""The README's speed benchmarks run as written, at small scale, and write what the README quotes."""
+"""The speed benchmarks of the manual run as written, at small scale, and write what the manual quotes."""
 
 import json
 import os

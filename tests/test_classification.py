@@ -1,7 +1,6 @@
 """Zero-shot classification: ImageFolder through datasets, both scorings equal a direct computation, the CLI."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -118,16 +117,13 @@ def test_incomplete_model_directories_are_one_line_errors(tiny_dir, image_folder
     assert str(error.value).startswith(f"error: --model {partial} lacks {missing}: give a directory written by")
 
 
-def test_readme_classification_command(tiny_dir, image_folder, tmp_path):
-    import re
-    import shlex
-    import subprocess
+def test_the_imagenet_command_of_the_manual(tiny_dir, image_folder, tmp_path):
+    """The Evaluation page's ImageNet command with the tiny model and a 3-class ImageFolder in place of ImageNet."""
+    from manual import bash_commands, run_command, section, workdir
 
-    section = (ROOT / "README.md").read_text().split("## Zero-shot image classification", 1)[1].split("\n## ", 1)[0]
-    command = re.sub(r"\\\n\s*", "", re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]).strip()
+    (command,) = bash_commands(section("evaluation.md", "Zero-shot image classification"))
     command = command.replace("flair-merged30m-hf", str(tiny_dir)).replace("/data/imagenet/val", str(image_folder))
     command = command.replace("--dataset imagenet-1k", "--dataset imagefolder")  # 3 classes here, not ImageNet's 1,000
-    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
-    result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "imagenet.json").read_text())["num_images"] == 9
+    work = workdir(tmp_path)
+    run_command(command, work)
+    assert json.loads((work / "imagenet.json").read_text())["num_images"] == 9

@@ -111,12 +111,6 @@ def test_remote_code_touches_no_network_runs_no_dynamic_code_and_the_model_no_fi
     assert not {"encode_text", "encode_image", "score", "_get_processor"} & set(dir(FlairModel))
 
 
-def test_readme_three_line_example_runs(tiny_dir, tmp_path):
-    from readme_blocks import run_readme_python
-
-    assert "tensor([[" in run_readme_python("scorer.score(", tiny_dir, tmp_path)
-
-
 def test_empty_inputs_are_one_line_errors(tiny_dir):
     from transformers import pipeline
 

@@ -1,6 +1,6 @@
 """The demo page (`demo/app.py`) in a real browser: headless Chromium (Debian's chromium and chromium-driver, through
 selenium) drives each tab as a person would, and the numbers shown must be the library's. Saves a screenshot per tab
-(also to $FLAIR_DEMO_SCREENSHOTS when set, which is how the README's pictures were made). Through its API (gradio's
+(also to $FLAIR_DEMO_SCREENSHOTS when set, which is how the manual's pictures were made). Through its API (gradio's
 own client and raw HTTP) the page serves nothing from the server but the operator's gallery, and stays correct under
 concurrent clients."""
 
@@ -10,6 +10,7 @@ import os
 import re
 import resource
 import shutil
+import shlex
 import subprocess
 import sys
 import threading
@@ -366,14 +367,15 @@ def test_without_a_model_the_page_runs_the_bundled_model_and_says_so():
 
 
 @pytest.mark.parametrize("line", [0, 1])
-def test_readme_commands_serve_the_page(tiny_dir, gallery_dir, line):
-    """Each `python demo/app.py ...` line of the README's demo section, with the test model, port and gallery."""
-    section = (ROOT / "README.md").read_text().split("## Demo page", 1)[1].split("\n## ", 1)[0]
-    commands = [row.split("#")[0].split() for row in section.splitlines() if row.startswith("python demo/app.py")]
+def test_the_manuals_commands_serve_the_page(line):
+    """Each `python demo/app.py ...` line of the Deployment page, as written but for the port: the bundled model, with
+    its banner where no --model is named, and the bundled examples as a gallery."""
+    from manual import bash_commands, section
+
+    commands = [shlex.split(c) for c in bash_commands(section("deployment.md", "Demo page")) if c.startswith("python demo/app.py")]
     assert len(commands) == 2
     port, command = free_port(), [sys.executable, *commands[line][1:]]
-    substitutes = {"--model": str(tiny_dir), "--port": str(port), "--gallery": str(gallery_dir)}
-    command = [substitutes.get(previous, word) for previous, word in zip([None, *command], command)]
+    command = [str(port) if previous == "--port" else word for previous, word in zip([None, *command], command)]
     if "--port" not in command:
         command += ["--port", str(port)]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -387,8 +389,8 @@ def test_readme_commands_serve_the_page(tiny_dir, gallery_dir, line):
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:] if server.poll() is not None else "timeout"
                 time.sleep(1)
-        assert "Score captions" in page and app.BUNDLED_BANNER not in page
-        assert ("The gallery holds 4 images" in page) == ("--gallery" in command)
+        assert "Score captions" in page and (app.BUNDLED_BANNER in page) == ("--model" not in command)
+        assert ("The gallery holds 4 images" in page) == ("--gallery" in command), page[-3000:]
     finally:
         server.terminate()
         server.wait(timeout=30)

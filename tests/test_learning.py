@@ -124,13 +124,14 @@ def test_the_learning_benchmark_end_to_end_and_its_reuse(tmp_path):
     assert len(changed.stderr.strip().splitlines()) == 1
 
 
-def test_the_readmes_learning_figures_are_the_benchmarks_json():
+def test_the_manuals_learning_figures_are_the_benchmarks_json():
     from flair_hf_benchmarks.benchmark_learning import drift_table, markdown_table
+    from manual import page
 
     result = json.loads((ROOT / "benchmarks" / "results" / "learning-cpu.json").read_text())
-    readme = (ROOT / "README.md").read_text()
+    readme = page("benchmarks.md")
     assert markdown_table(result) in readme and drift_table(result["drift"]) in readme
-    assert "](benchmarks/results/learning-cpu.png)" in readme and (ROOT / "benchmarks" / "results" / "learning-cpu.png").is_file()
+    assert "](../benchmarks/results/learning-cpu.png)" in readme and (ROOT / "benchmarks" / "results" / "learning-cpu.png").is_file()
     assert result["seeds"] == [0, 1, 2] and result["max_steps"] is None  # the recipe's full length, three seeds
     for label, verdict in result["claim"].items():
         assert f"{label}: FLAIR {verdict['flair']:.2f}, global loss {verdict['global_loss']:.2f}" in readme

@@ -166,16 +166,15 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"] and [p.name for p in full.iterdir()] == ["keep.txt"]
 
 
-def test_readme_training_quickstart_runs_as_written(tmp_path):
-    """The README's training quickstart from a fresh directory, on Debian's Fashion-MNIST (as CI installs it): the
+def test_the_training_quickstart_runs_as_written(tmp_path):
+    """The Training page's quickstart from a fresh directory, on Debian's Fashion-MNIST (as CI installs it): the
     mosaics as written; the recipe as written but for its length (20 steps, an evaluation at 10 and 20; the whole run
     is benchmarks/benchmark_learning.py's), with -q: no progress bar, the evaluations and the summary only."""
-    import re
     import shlex
 
-    section = (ROOT / "README.md").read_text().split("## Training", 1)[1]
-    block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
-    commands = [line for line in re.sub(r"\\\n\s*", "", block).splitlines() if line.strip() and not line.startswith("#")][:3]
+    from manual import bash_commands, section
+
+    commands = bash_commands(section("training.md", "Quickstart"))[:3]
     assert [c.split()[:2] for c in commands] == [["python", "training/mosaics.py"]] * 2 + [["accelerate", "launch"]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
     for command in commands:

@@ -4,7 +4,6 @@ the runtime in an interpreter where torch and transformers are not installed."""
 
 import json
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, ROOT
-from readme_blocks import readme_python_block
+from manual import bash_commands, code_blocks, run_command, run_python, section, workdir
 from flair_hf.onnx import FlairOnnxModel
 from flair_hf_benchmarks.benchmark_onnx import run_runtime_only
 from flair_hf_conversion import export_onnx
@@ -31,7 +30,7 @@ TEXTS = [
     "A red ladybug is surrounded by green glass beads",
     "two",
 ]
-# int8 against fp32 on the full-size manifest model and these inputs, measured (README, "Deploying"): embedding
+# int8 against fp32 on the full-size manifest model and these inputs, measured: embedding
 # cosines >= 0.9994, FLAIR logits within 0.048, the same top-1 caption for every image; bounds with margin
 INT8_MIN_COSINE, INT8_MAX_LOGIT_DIFFERENCE, INT8_MIN_TOP1_AGREEMENT = 0.998, 0.15, 5 / 6
 
@@ -145,22 +144,20 @@ def test_int8_quantizes_the_matmuls_and_drifts_within_measured_bounds(full_onnx,
     assert (logits[0].argmax(1) == logits[1].argmax(1)).mean() >= INT8_MIN_TOP1_AGREEMENT
 
 
-def test_readme_deploying_commands_and_example_run_as_written(tiny_dir, tmp_path):
-    section = (ROOT / "README.md").read_text().split("## Deploying with ONNX Runtime", 1)[1].split("\n## ", 1)[0]
-    commands = [line for line in section.split("```bash\n", 1)[1].split("```", 1)[0].splitlines() if line.startswith("python ")]
+def test_deploying_commands_and_example_run_as_written(tmp_path):
+    """The Deployment page's export commands and its Python, as written, on the bundled model."""
+    text = section("deployment.md", "Deploying with ONNX Runtime")
+    commands = [line for line in bash_commands(text) if line.startswith("python ")]
     assert len(commands) == 2 and commands[1].endswith("--quantize int8")
+    work = workdir(tmp_path)
     for command in commands:
-        command = command.replace("flair-cc3m-recap-hf", str(tiny_dir)).replace(" flair-cc3m-onnx", f" {tmp_path}/flair-cc3m-onnx")
-        result = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0 and "exported" in result.stdout, result.stderr[-2000:]
-    manifests = [json.loads((tmp_path / name / "flair_onnx.json").read_text()) for name in ("flair-cc3m-onnx", "flair-cc3m-onnx-int8")]
+        assert "exported" in run_command(command, work).stdout
+    manifests = [json.loads((work / "out" / name / "flair_onnx.json").read_text()) for name in ("flair-onnx", "flair-onnx-int8")]
     assert [m["quantization"] for m in manifests] == [None, "int8-dynamic"]
     assert manifests[0]["int8_vs_pytorch"] is None and min(manifests[1]["int8_vs_pytorch"]["embedding_cosine_min"].values()) > 0.99
-    code = readme_python_block("FlairOnnxModel").replace('"flair-cc3m-onnx"', repr(str(tmp_path / "flair-cc3m-onnx-int8")))
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    probs = [float(x) for x in re.findall(r"\d+\.\d*(?:e[-+]?\d+)?", result.stdout)]  # the printed (1, 2) array
-    assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-4, result.stdout
+    out = run_python("\n".join(code_blocks(text, "python")), tmp_path, cwd=work)
+    probs = [float(x) for x in re.findall(r"\d+\.\d*(?:e[-+]?\d+)?", out)]  # the printed (1, 2) array
+    assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-4 and probs[0] > probs[1], out  # the dress is in the mosaic
 
 
 @pytest.mark.parametrize(

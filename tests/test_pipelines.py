@@ -60,13 +60,6 @@ def test_zero_shot_pipeline_from_remote_code_only(tiny_dir, tiny_model, tmp_path
     assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_flair.FlairModel"
 
 
-def test_readme_pipeline_example_runs(tiny_dir, tmp_path):
-    from readme_blocks import run_readme_python
-
-    out = run_readme_python("zero-shot-image-classification", tiny_dir, tmp_path, "\nprint(classifier.__class__.__name__)\n")
-    assert "ZeroShotImageClassificationPipeline" in out
-
-
 FEATURES_REMOTE = """
 import json
 import remote_code_probe  # makes flair_hf unimportable
@@ -109,11 +102,11 @@ def test_single_tower_forward(tiny_model, tiny_reference):
 
 def test_zero_shot_pipeline_with_global_scoring_model(tiny_dir, tiny_model):
     from flair_hf import FlairModelForGlobalScoring, FlairProcessor
-    from readme_blocks import readme_python_block
+    from manual import BUNDLED_MODEL, python_block
 
-    code = readme_python_block("FlairModelForGlobalScoring").replace('"flair-cc3m-recap-hf"', repr(str(tiny_dir)))
+    code = python_block("api.md", "FlairModelForGlobalScoring").replace(BUNDLED_MODEL, repr(str(tiny_dir)))
     scope = {}
-    exec(code.rsplit("\n", 2)[0], scope)  # the README's lines, up to the call
+    exec(code.rsplit("\n", 2)[0], scope)  # the manual's lines, up to the call
     result = scope["classifier"](str(FIXTURES / "images" / "puppy.jpg"), candidate_labels=LABELS)
     inputs = FlairProcessor.from_pretrained(tiny_dir)(
         text=[f"This is a photo of {label}." for label in LABELS], images=Image.open(FIXTURES / "images" / "puppy.jpg")

@@ -1,4 +1,4 @@
-"""README "Reproducing a paper run": every command, as written, at small scale.
+"""The Training page's "Reproducing a paper run": every command, as written, at small scale.
 
 Captions from a 20-row DreamLIP-style CSV whose URLs point at a local HTTP server, 4 samples per shard; the training
 launch runs with the tiny model on 2 CPU processes (`ddp_cpu.yaml`) for 2 steps instead of 8 GPUs; the Slurm script
@@ -23,14 +23,10 @@ from test_training import free_port
 
 
 def readme_commands() -> list[str]:
-    """The commands of the section's bash blocks, continuation lines joined, comments and pip dropped."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Reproducing a paper run", 1)[1].split("\n## ", 1)[0]
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
-        text = re.sub(r"\\\n\s*", "", block)
-        commands += [line.split("#")[0].strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("pip ")]
-    return [command for command in commands if command]
+    """The commands of the section's bash blocks, pip dropped."""
+    from manual import bash_commands, section
+
+    return [c for c in bash_commands(section("training.md", "Reproducing a paper run")) if not c.startswith("pip ")]
 
 
 def run(command: list[str], cwd, env_extra=None):

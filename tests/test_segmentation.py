@@ -1,7 +1,6 @@
 """Zero-shot segmentation: layouts, sliding windows, SCLIP prediction, mIoU by hand, an oracle model, the CLI."""
 
 import json
-import sys
 
 import evaluate
 import numpy as np
@@ -181,38 +180,30 @@ def test_cli_missing_layout_is_one_clear_line(tiny_dir, tmp_path):
         segmentation_cli.main(["--model", str(tiny_dir), "--benchmark", "cityscapes", "--data-root", str(tmp_path)])
 
 
-def test_readme_segmentation_command(tiny_dir, data_root, tmp_path):
-    import re
-    import shlex
-    import subprocess
+def test_the_paper_segmentation_command_of_the_manual(tiny_dir, data_root, tmp_path):
+    """The segmentation section's command for the paper's benchmarks, with the tiny model and generated layouts."""
+    from manual import bash_commands, run_command, section, workdir
 
-    section = (ROOT / "README.md").read_text().split("## Zero-shot semantic segmentation", 1)[1].split("\n## ", 1)[0]
-    command = re.sub(r"\\\n\s*", "", re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]).strip()
+    command = bash_commands(section("dense-maps.md", "Zero-shot semantic segmentation"))[-1]
     command = command.replace("flair-merged30m-hf", str(tiny_dir)).replace("/data/segmentation", str(data_root))
-    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
-    result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "segmentation.json").read_text())
-    assert [r["benchmark"] for r in results] == ["voc20", "context59"] and (tmp_path / "segmentation.md").is_file()
+    work = workdir(tmp_path)
+    run_command(command, work)
+    results = json.loads((work / "segmentation.json").read_text())
+    assert [r["benchmark"] for r in results] == ["voc20", "context59"] and (work / "segmentation.md").is_file()
 
 
-def test_readme_offline_segmentation_on_the_bundled_model(tmp_path):
-    """The second block, as written, from a directory holding the repository's folders: the bundled model on the 500
-    held-out mosaics, every class present, written as the first block's output is."""
-    import re
-    import shlex
-    import subprocess
+def test_the_offline_segmentation_of_the_manual_on_the_bundled_model(tmp_path):
+    """The section's first commands, as written: the bundled model on the 500 held-out mosaics, every class present."""
+    from manual import bash_commands, run_command, section, workdir
 
-    section = (ROOT / "README.md").read_text().split("## Zero-shot semantic segmentation", 1)[1].split("\n## ", 1)[0]
-    commands = re.sub(r"\\\n\s*", "", re.findall(r"```bash\n(.*?)```", section, flags=re.S)[1]).strip().splitlines()
-    for name in ("benchmarks", "training", "demo"):
-        (tmp_path / name).symlink_to(ROOT / name)
+    commands = bash_commands(section("dense-maps.md", "Zero-shot semantic segmentation"))[:2]
+    assert [c.split()[1] for c in commands] == ["training/mosaics.py", "benchmarks/evaluate_segmentation.py"]
+    work = workdir(tmp_path)
     for command in commands:
-        result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-    (result,) = json.loads((tmp_path / "out" / "segmentation.json").read_text())
+        run_command(command, work)
+    (result,) = json.loads((work / "out" / "segmentation.json").read_text())
     assert result["num_images"] == 500 and result["method"] == "attention" and result["num_classes_present"] == 11
-    assert (tmp_path / "out" / "segmentation.md").is_file() and 0 <= result["mIoU"] <= 100
+    assert (work / "out" / "segmentation.md").is_file() and 0 <= result["mIoU"] <= 100
 
 
 def test_help_lists_layouts_and_how_to_obtain_them(capsys):

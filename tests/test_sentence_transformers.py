@@ -34,9 +34,3 @@ def test_sentence_transformer_embeds_texts_and_images(tiny_dir, tiny_scorer, tmp
     torch.testing.assert_close(torch.tensor(out["texts"]), texts, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(out["images"]), images, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(out["similarity"]), images @ texts.t(), atol=1e-5, rtol=0)  # CLIP-style cosine
-
-
-def test_readme_sentence_transformers_example_runs(tiny_dir, tmp_path):
-    from readme_blocks import run_readme_python
-
-    assert "(2, 32)" in run_readme_python("SentenceTransformer(", tiny_dir, tmp_path, "\nprint(texts.shape)\n")
