@@ -110,3 +110,32 @@ def test_a_broken_link_fails_the_docs_build(tmp_path, broken, named):
     (copy / "docs" / "parity.md").write_text((copy / "docs" / "parity.md").read_text() + f"\n{broken}\n")
     result = build(copy / "docs", tmp_path / "site")
     assert result.returncode != 0 and named in result.stderr, result.stderr[-2000:]
+
+
+def test_the_getting_started_and_converting_commands_run_as_written(tmp_path):
+    from manual import bash_commands, run_command, section, workdir
+
+    work = workdir(tmp_path)
+    demo = bash_commands(section("index.md", "Offline demo"))
+    assert demo == ["python conversion/offline_demo.py", "python conversion/offline_demo.py --convert-tiny"]
+    for command in demo:
+        assert "FLAIR logits" in run_command(command, work).stdout
+    offline = [c for c in bash_commands(page("converting.md")) if "tests/fixtures/tiny" in c]
+    assert len(offline) == 1
+    assert "verified against the original forward" in run_command(offline[0], work).stdout
+    assert json.loads((work / "out" / "flair-tiny-hf" / "config.json").read_text())["model_type"] == "flair"
+
+
+def test_the_offline_evaluation_commands_run_as_written(tmp_path):
+    from manual import bash_commands, run_command, workdir
+
+    commands = bash_commands(page("evaluation.md").split("## Retrieval evaluation", 1)[0])
+    assert [c.split()[1] for c in commands] == ["training/mosaics.py", "benchmarks/evaluate_retrieval.py", "benchmarks/evaluate_classification.py"]
+    work = workdir(tmp_path)
+    for command in commands:
+        run_command(command, work)
+    retrieval = json.loads((work / "out" / "retrieval.json").read_text())
+    assert [r["benchmark"] for r in retrieval] == ["fashion-mosaics", "fashion-mosaics-long"]
+    assert retrieval[1]["metrics"]["num_images"] == 500 and retrieval[1]["metrics"]["text_to_image_R@1"] > 10  # chance 0.2
+    classification = json.loads((work / "out" / "classification.json").read_text())
+    assert classification["num_classes"] == 10 and set(classification["accuracy"]) == {"clip", "flair"}
