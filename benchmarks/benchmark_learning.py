@@ -7,8 +7,8 @@ Per seed, `training/train.py` trains `training/configs/mosaics_cpu.yaml` three w
 (text-conditioned sigmoid + multi-positive sigmoid), with the global multi-positive sigmoid loss alone
 (`--add-tcs-loss false`, the SigLIP-style baseline the paper compares against) and not at all (`--lr 0`, one step:
 the untrained network, an empirical chance level). The mosaics are built first when WORK_DIR lacks them (20,000
-training, 500 held-out, `training/mosaics.py`); mosaics and finished runs are reused when made by the same command
-and recipe (others are an error, never a silent reuse). Each final model is then evaluated on the held-out mosaics by
+training, 500 held-out, `training/mosaics.py`); mosaics and runs are reused (finished) or resumed (interrupted) when made by the
+same command, recipe and code (others are an error, never a silent reuse). Each final model is then evaluated on the held-out mosaics by
 the evaluation CLIs: one-item sentence -> image and long caption -> image retrieval in flair, topk and global
 scoring, segmentation mIoU (similarity maps, as the paper, and pooling-attention maps) and zero-shot classification
 of single items. On the first seed's
@@ -55,42 +55,64 @@ def run(command: list[str], log: Path) -> None:
         raise SystemExit(f"error: {' '.join(command[:3])} failed (exit {result.returncode}); see {log}")
 
 
+def code_sha256() -> str:
+    """A digest of the code that makes the mosaics and trains: the library and the training application."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "src" / "flair_hf").rglob("*.py"), *(ROOT / "training").glob("*.py"), RECIPE]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def write_stamp(path: Path, record: dict) -> None:
+    """`path`'s stamp, replaced whole (never half-written)."""
+    partial = path / "benchmark_learning.json.partial"
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(path / "benchmark_learning.json")
+
+
 def reused(path: Path, record: dict) -> bool:
-    """Whether `path` holds what `record` makes (its stamp equal); an error when it holds something else."""
+    """Whether `path` holds the finished work `record` describes. A stamp with another record is an error, whatever
+    state its work is in: an unfinished run is resumed only by the command, recipe and code that started it."""
     stamp = path / "benchmark_learning.json"
     if not stamp.is_file():
         return False
     recorded = json.loads(stamp.read_text())
     if {key: recorded.get(key) for key in record} != record:
-        raise SystemExit(f"error: {path} was made by another command or recipe: delete it or pass another --work-dir")
+        raise SystemExit(f"error: {path} was made by another command, recipe or code: delete it or pass another --work-dir")
+    if not recorded.get("complete"):
+        return False
     print(f"reusing {path}", flush=True)
     return True
 
 
 def stamped(path: Path, record: dict, command: list[str], log: Path) -> None:
+    """Run `command` for `path`, stamped before it starts (so an interrupted run is checked on resume) and after."""
+    path.mkdir(parents=True, exist_ok=True)
+    write_stamp(path, {**record, "complete": False})
     start = time.perf_counter()
     run(command, log)
-    (path / "benchmark_learning.json").write_text(json.dumps({**record, "seconds": time.perf_counter() - start}, indent=1))
+    write_stamp(path, {**record, "complete": True, "seconds": time.perf_counter() - start})
 
 
 def build_mosaics(work: Path, args) -> tuple[Path, Path]:
     """The training shards and the held-out layouts under `work`, built once (mosaics.py writes whole or nothing)."""
     paths = {"train": (work / "mosaics-train", 0, args.train_mosaics), "test": (work / "mosaics-test", 1, args.test_mosaics)}
+    code = code_sha256()
     for split, (path, seed, count) in paths.items():
         command = [sys.executable, "-m", "flair_hf_training.mosaics", "--split", split, "--seed", str(seed), "--count", str(count)]
         command += ["--source", args.source] if args.source else []
-        record = {"command": command[1:]}
+        record = {"command": command[1:], "code_sha256": code}
         if path.exists() and not (path / "benchmark_learning.json").is_file():
             raise SystemExit(f"error: {path} was not made by this benchmark: delete it or pass another --work-dir")
         if not (path.exists() and reused(path, record)):
             print(f"building {count} {split} mosaics in {path}", flush=True)
             work.mkdir(parents=True, exist_ok=True)
-            stamped(path, record, command + ["--output", str(path)], work / f"mosaics-{split}.log")
-    return paths["train"][0], paths["test"][0]
+            stamped(path, record, command + ["--output", str(path / "mosaics")], work / f"mosaics-{split}.log")
+    return paths["train"][0] / "mosaics", paths["test"][0] / "mosaics"
 
 
 def train(work: Path, train_data: Path, test_data: Path, method: str, seed: int, args) -> Path:
-    """The run's directory, trained now or earlier by the same command and recipe."""
+    """The run's directory, trained now, resumed, or reused when made earlier by the same command, recipe and code."""
     output = work / "runs" / f"{method}-seed{seed}"
     shards = math.ceil(args.train_mosaics / SAMPLES_PER_SHARD)
     command = [
@@ -99,10 +121,11 @@ def train(work: Path, train_data: Path, test_data: Path, method: str, seed: int,
         "--eval-data-root", str(test_data), "--output-dir", str(output),
     ]  # fmt: skip
     command += (["--max-steps", str(args.max_steps)] if args.max_steps else []) + METHODS[method]
-    record = {"command": command[1:], "recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()}
-    if not ((output / "summary.json").is_file() and reused(output, record)):
+    record = {"command": command[1:], "code_sha256": code_sha256()}
+    if output.exists() and not (output / "benchmark_learning.json").is_file():
+        raise SystemExit(f"error: {output} was not made by this benchmark: delete it or pass another --work-dir")
+    if not reused(output, record):
         print(f"training {output.name}", flush=True)
-        output.mkdir(parents=True, exist_ok=True)
         stamped(output, record, command + ["--resume", "latest"], output.parent / f"{output.name}.log")
     return output
 
@@ -135,7 +158,7 @@ def chance_levels(test_data: Path) -> dict:
     for benchmark, short in RETRIEVAL.items():
         images = len(load_benchmark(benchmark, str(test_data)))
         chance.update({f"{short}/{mode}/R@{k}": 100 * k / images for mode in MODES for k in (1, 5)})
-    classes = [folder for folder in (test_data / "fashion-items").iterdir() if folder.is_dir()]
+    classes = [folder for folder in (test_data / "fashion-items").iterdir() if folder.is_dir() and any(folder.iterdir())]  # as loaded
     chance.update({f"classification/{scoring}/top1": 100 / len(classes) for scoring in ("clip", "flair")})
     return chance
 
@@ -257,7 +280,9 @@ def plot(all_curves: dict, output: Path) -> None:
         axis.set_xlabel("step")
     axes[0].legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(output, dpi=110)
+    partial = output.with_name(output.name + ".partial")
+    figure.savefig(partial, dpi=110, format="png")
+    partial.replace(output)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -300,8 +325,8 @@ def main(argv=None) -> dict:
         "per_run": per_run,
         "training_seconds": seconds,
     }
-    write_results(result, markdown_table(result) + "\n\n" + drift_table(result["drift"]), output)
     plot({key: curves(run_dir) for key, run_dir in runs.items() if key[0] != "untrained"}, output.with_suffix(".png"))
+    write_results(result, markdown_table(result) + "\n\n" + drift_table(result["drift"]), output)
     for label, verdict in result["claim"].items():
         print(f"{label}: FLAIR {verdict['flair']:.2f}, global loss {verdict['global_loss']:.2f}, margin {verdict['margin']:+.2f} "
               f"(seed spread {verdict['spread']:.2f}): {'holds' if verdict['holds'] else 'does not hold'}")  # fmt: skip

@@ -4,18 +4,25 @@ import json
 from pathlib import Path
 
 
-def write_json(data, output) -> Path:
-    """Write `data` as indented JSON to `output`, creating its folder."""
+def write_text_whole(text: str, output) -> Path:
+    """Write `text` to `output` through a partial file renamed into place (never half-written), creating its folder."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(data, indent=2))
+    partial = output.with_name(output.name + ".partial")
+    partial.write_text(text)
+    partial.replace(output)
     return output
+
+
+def write_json(data, output) -> Path:
+    """Write `data` as indented JSON to `output`, whole."""
+    return write_text_whole(json.dumps(data, indent=2), output)
 
 
 def write_results(results, table: str, output) -> Path:
     """Write `results` to `output` (JSON) and `table` to the same name with `.md`; print the table and both paths."""
     output = write_json(results, output)
-    output.with_suffix(".md").write_text(table + "\n")
+    write_text_whole(table + "\n", output.with_suffix(".md"))
     print(table)
     print(f"wrote {output} and {output.with_suffix('.md')}")
     return output

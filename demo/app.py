@@ -315,6 +315,9 @@ def serve(page: gr.Blocks, port: int, **options):
 
 
 def load_or_exit(model_id: str | None) -> tuple[FlairModel, FlairProcessor, bool]:
+    if not model_id and not (BUNDLED_MODEL / "config.json").is_file():
+        raise SystemExit(f"error: the bundled model {BUNDLED_MODEL.name}/ is not beside app.py: copy it there, or name a model "
+                         "with --model or the FLAIR_MODEL variable")  # fmt: skip
     try:
         return load(model_id)
     except (OSError, ValueError) as error:

@@ -366,6 +366,14 @@ def test_without_a_model_the_page_runs_the_bundled_model_and_says_so():
     assert not app.load(str(app.BUNDLED_MODEL))[2]  # named with --model: no banner
 
 
+def test_a_page_without_its_bundled_model_or_a_model_says_which_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(app, "BUNDLED_MODEL", tmp_path / "flair-fashion-mosaics")
+    with pytest.raises(SystemExit) as error:
+        app.load_or_exit(None)
+    assert str(error.value) == ("error: the bundled model flair-fashion-mosaics/ is not beside app.py: copy it there, or name a "
+                                "model with --model or the FLAIR_MODEL variable")  # fmt: skip
+
+
 @pytest.mark.parametrize("line", [0, 1])
 def test_the_manuals_commands_serve_the_page(line):
     """Each `python demo/app.py ...` line of the Deployment page, as written but for the port: the bundled model, with

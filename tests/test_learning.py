@@ -15,9 +15,12 @@ PLACES = ["at the top left", "at the top", "at the top right", "on the left", "i
           "at the bottom left", "at the bottom", "at the bottom right"]  # fmt: skip
 STEPS = 300
 TEST_MOSAICS = 60
-# measured: 26.7 % long-caption R@1 after STEPS steps (seed 0; CPU training here is deterministic per seed); the bar
-# is well under half of it and 6x chance (1.7 %)
-MIN_R1 = 10.0
+# The bar must hold for any seed, as a refactor that draws random numbers in another order is another seed. Measured
+# after STEPS steps, long-caption mean rank of the correct mosaic among 60 (chance 30.5, sampling spread of a random
+# ranker about 2.2): seeds 0-4 gave 4.9, 14.8, 15.4, 13.9, 14.6 (R@1 26.7, 3.3, 3.3, 1.7, 1.7 %: most seeds are still
+# on the initial plateau at 300 steps, so R@1 is no bar). The bar, 20, is 4.6 above the worst seed and 4.7 random-ranker
+# spreads below chance.
+MAX_MEAN_RANK = 20.0
 
 
 def make_mosaics(split, seed, count, output):
@@ -44,10 +47,8 @@ def train_briefly(tmp_path, seed=0):
 
 
 def test_a_short_run_retrieves_held_out_mosaics_far_above_chance(tmp_path):
-    metrics = train_briefly(tmp_path)
-    long = metrics["fashion-mosaics-long"]
-    chance = 100 / TEST_MOSAICS
-    assert long["text_to_image_R@1"] >= MIN_R1, (long, f"chance {chance:.1f}")
+    long = train_briefly(tmp_path)["fashion-mosaics-long"]
+    assert long["text_to_image_mean_rank"] <= MAX_MEAN_RANK, (long, f"chance {(TEST_MOSAICS + 1) / 2}")
 
 
 @pytest.mark.parametrize("name", ["configuration_flair.py", "loss.py", "modeling_flair.py", "preprocessing.py", "processing_flair.py"])
@@ -111,7 +112,7 @@ def test_the_learning_benchmark_end_to_end_and_its_reuse(tmp_path):
             values = [data["per_run"][f"{method}-seed{s}"][name] for s in (0, 1)]
             assert stats["values"] == values and stats["mean"] == pytest.approx(statistics.mean(values))
             assert stats["std"] == pytest.approx(statistics.stdev(values))
-    images = len(json.loads((work / "mosaics-test" / "fashion-mosaics" / "annotations" / "long.json").read_text())["annotations"])
+    images = len(json.loads((work / "mosaics-test" / "mosaics" / "fashion-mosaics" / "annotations" / "long.json").read_text())["annotations"])
     assert data["chance"]["long/flair/R@1"] == pytest.approx(100 / images) and data["chance"]["classification/clip/top1"] == 10.0
     verdict = data["claim"]["one-item R@1"]
     assert verdict["margin"] == pytest.approx(data["summary"]["flair"]["items/flair/R@1"]["mean"] - data["summary"]["global"]["items/global/R@1"]["mean"])
@@ -119,9 +120,18 @@ def test_the_learning_benchmark_end_to_end_and_its_reuse(tmp_path):
     assert output.with_suffix(".png").stat().st_size > 10_000
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0 and again.stdout.count("reusing") == 8, again.stdout[-2000:]
-    changed = subprocess.run([*command[:-8], "--max-steps", "3", *command[-6:]], capture_output=True, text=True, timeout=300, env=env)
-    assert changed.returncode != 0 and changed.stderr.strip().endswith("was made by another command or recipe: delete it or pass another --work-dir")
-    assert len(changed.stderr.strip().splitlines()) == 1
+    changed_command = [*command[:-8], "--max-steps", "3", *command[-6:]]
+    stale = "was made by another command, recipe or code: delete it or pass another --work-dir"
+    changed = subprocess.run(changed_command, capture_output=True, text=True, timeout=300, env=env)
+    assert changed.returncode != 0 and changed.stderr.strip().endswith(stale) and len(changed.stderr.strip().splitlines()) == 1
+    # a run killed part way (its stamp says so) is resumed by its own command only
+    stamp = work / "runs" / "flair-seed0" / "benchmark_learning.json"
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "complete": False}))
+    changed = subprocess.run(changed_command, capture_output=True, text=True, timeout=300, env=env)
+    assert changed.returncode != 0 and changed.stderr.strip().endswith(stale), changed.stderr[-2000:]
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert resumed.returncode == 0 and "training flair-seed0" in resumed.stdout and resumed.stdout.count("reusing") == 7
+    assert json.loads(stamp.read_text())["complete"] is True
 
 
 def test_the_manuals_learning_figures_are_the_benchmarks_json():

@@ -87,7 +87,7 @@ class TrainConfig:
     resume: str | None = option(None, '"latest" (the newest complete checkpoint, or a new run if none) or a checkpoint directory')
     overwrite: bool = option(False, "start a new run in an OUTPUT_DIR that holds one (deletes its checkpoints, logs and model)")
     log_every: int = option(10, "send metrics to the trackers every N steps")
-    quiet: bool = option(False, "no progress bar (-q): the evaluations and the summary only")
+    quiet: bool = option(False, "no progress bar (-q); evaluations, notices and the summary still print")
     report_to: str = option("tensorboard", "tensorboard, wandb, all or none")
     export_dir: str | None = option(None, "where the final model goes (default: OUTPUT_DIR/final)")
     eval_batch: str | None = option(None, "safetensors with pixel_values/input_ids: loss before and after training")
