@@ -1,5 +1,4 @@
-"""Export a converted FLAIR model to ONNX Runtime: text encoder, image encoder, the pooling head's pair scorer and
-its attention maps.
+"""Export a converted FLAIR model to ONNX Runtime: both encoders, the pooling head's pair scorer and its maps.
 
     python conversion/export_onnx.py MODEL_DIR OUT_DIR [--quantize int8]
 

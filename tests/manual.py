@@ -46,11 +46,12 @@ def workdir(tmp_path) -> Path:
 
 
 def run_command(command: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
-    """One `python ...` line of the manual, run as written with this interpreter, offline; it must succeed."""
+    """One `python ...` or `flair-hf ...` line of the manual, run as written with this interpreter (or the command
+    installed beside it), offline; it must succeed."""
     words = shlex.split(command)
-    assert words[0] == "python", command
+    program = {"python": sys.executable, "flair-hf": str(Path(sys.executable).parent / "flair-hf")}[words[0]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, *words[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    result = subprocess.run([program, *words[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, (command, result.stderr[-3000:])
     return result
 

@@ -1,5 +1,7 @@
-"""FLAIR mosaics: real Fashion-MNIST photos (Zalando product pictures, MIT licence) tinted and placed on a canvas,
-each mosaic with DreamLIP-style captions that describe every item sentence by sentence and a per-pixel class mask.
+"""FLAIR mosaics: Fashion-MNIST photos tinted and placed on a canvas, with item-by-item captions and class masks.
+
+The photos are real Zalando product pictures (MIT licence); each mosaic has DreamLIP-style captions that describe
+every item sentence by sentence, and a per-pixel class mask.
 
     python training/mosaics.py --split train --seed 0 --count 20000 --output data/mosaics-train
     python training/mosaics.py --split test --seed 1 --count 500 --output data/mosaics-test

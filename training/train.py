@@ -783,7 +783,8 @@ def train(config: TrainConfig) -> dict:
     return summary
 
 
-def main(argv=None):
+def run(argv=None):
+    """`train` on the parsed command line; a data error in a worker becomes the one-line `ConfigError` it names."""
     config = load_config(argv)
     try:
         train(config)
@@ -794,17 +795,18 @@ def main(argv=None):
     raise ConfigError(message)
 
 
-def exit_with_one_line(error: SystemExit):
-    """Print a string exit message in one write, so that the lines of ranks failing together never interleave."""
-    if not isinstance(error.code, str):
-        raise error
-    sys.stderr.flush()
-    os.write(2, f"{error.code}\n".encode())
-    raise SystemExit(1)
+def main(argv=None):
+    """The command line: a string exit message is printed in one write, so that the lines of ranks failing together
+    never interleave."""
+    try:
+        run(argv)
+    except SystemExit as error:
+        if not isinstance(error.code, str):
+            raise
+        sys.stderr.flush()
+        os.write(2, f"{error.code}\n".encode())
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as error:
-        exit_with_one_line(error)
+    main()
