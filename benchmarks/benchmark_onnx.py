@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flair_hf import FlairConfig, FlairModel
-from flair_hf.modeling_flair import flair_cosine
+from flair_hf.scoring import flair_cosine
 from flair_hf.onnx import FlairOnnxModel, ids_up_to_end_of_text
 from flair_hf_benchmarks.measurement import interleaved_times, matmul_peak_flops, peak_rss_mib
 from flair_hf_benchmarks.reporting import write_json

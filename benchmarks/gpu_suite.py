@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from flair_hf import FlairConfig, FlairModel
-from flair_hf.modeling_flair import PAIR_IMAGE_CHUNK_SIZE
+from flair_hf.scoring import PAIR_IMAGE_CHUNK_SIZE
 from flair_hf.retrieval import autocast_context, flair_scores
 from flair_hf_benchmarks import benchmark_scoring, benchmark_towers, benchmark_training, evaluate_retrieval, evaluate_segmentation
 from flair_hf_benchmarks.measurement import matmul_peak_flops, peak_memory_mib, reset_peak, timed

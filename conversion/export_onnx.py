@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from flair_hf import FlairModel, FlairProcessor
-from flair_hf.modeling_flair import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, flair_cosine
+from flair_hf.scoring import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, flair_cosine
 from flair_hf.onnx import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, TEXT_LENGTH_GROUPS, FlairOnnxModel, ids_up_to_end_of_text
 from flair_hf_conversion.convert_flair_to_hf import ConversionError, check_output_dir, local_revision, staged_output_dir
 

@@ -14,11 +14,11 @@ B, K = 2, 3
 
 
 def build_model():
-    import flair_hf.modeling_flair as modeling
+    import flair_hf.text_packing as text_packing
     from flair_hf import FlairConfig, FlairModel
 
     # one process splits its texts into calls of at most 16 positions; ranks of a distributed run make one call each
-    modeling.CPU_TEXT_ROWS_PER_CALL = 16
+    text_packing.CPU_TEXT_ROWS_PER_CALL = 16
 
     small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
     config = FlairConfig(

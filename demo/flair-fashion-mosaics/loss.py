@@ -23,6 +23,8 @@ other rank `s`, a negatives-only term over rank `s`'s texts:
 import torch
 import torch.nn.functional as F
 
+from .scoring import flair_cosine, logits, pairwise_cosine
+
 
 def sample_text_indices(batch_size: int, captions_per_image: int, generator: torch.Generator | None = None):
     """Per image, the rows it is scored against: its own `K` captions plus one random caption of each other image.
@@ -53,18 +55,12 @@ def text_conditioned_logits(pooling, keys_values, text_features, text_indices, l
     """
     queries = pooling.project_queries(text_features)[:, text_indices].transpose(0, 1)  # (B, heads, M, hd)
     pooled, _ = pooling.attend(queries, *keys_values)
-    texts = F.normalize(text_features, dim=-1)[text_indices]
-    return logit_scale * (F.normalize(pooled, dim=-1) * texts).sum(-1) + logit_bias
-
-
-def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of `a` `(..., N, D)` with every row of `b` `(M, D)`: `(..., N, M)`."""
-    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
+    return logits(flair_cosine(pooled, text_features[text_indices]), logit_scale, logit_bias)
 
 
 def global_logits(image_features, text_features, logit_scale, logit_bias):
     """`(B, N)` CLIP-style logits of the global image embeddings against all texts, with the bias."""
-    return logit_scale * pairwise_cosine(image_features, text_features) + logit_bias
+    return logits(pairwise_cosine(image_features, text_features), logit_scale, logit_bias)
 
 
 def owned_by_image(text_rows: torch.Tensor, captions_per_image: int, num_images: int) -> torch.Tensor:

@@ -26,7 +26,9 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_flair import FlairConfig, FlairTextConfig, FlairVisionConfig
-from .loss import distributed_flair_loss, flair_loss, pairwise_cosine
+from .loss import distributed_flair_loss, flair_loss
+from .scoring import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, flair_cosine, length_sorted_groups, logits, pair_blocks, pairwise_cosine
+from .text_packing import TextPacking, at_positions, text_tower_calls
 
 
 CLIP_OUTPUT_SLOTS = ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds", "text_model_output", "vision_model_output")  # fmt: skip
@@ -171,33 +173,6 @@ class FlairTextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding(self.position_ids[:, :seq_length])
 
 
-def _at_positions(states: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
-    """`states[b, positions[b]]` for every sequence `b`: `(batch, ...)` (traceable: no Python batch size)."""
-    return states[torch.arange(states.shape[0], device=states.device), positions]
-
-
-class TextPacking:
-    """The positions of a `(batch, length)` text batch up to each end-of-text token, as rows `(tokens, ...)`.
-
-    Packed, a layer's LayerNorms, projections and MLP run on these rows alone; its attention runs on them padded back
-    to `(batch, length, ...)` with zeros after each end-of-text token, which no kept position attends to under the
-    causal mask. `ends` may sit on the host (no device sync); the index follows the rows to their device."""
-
-    def __init__(self, ends: torch.LongTensor, length: int, device: torch.device):
-        kept = torch.arange(length, device=ends.device) <= ends[:, None]
-        self.shape = tuple(kept.shape)
-        self.index = kept.flatten().nonzero().squeeze(1).to(device)
-
-    def pack(self, states: torch.Tensor) -> torch.Tensor:
-        """`(batch, length, ...)` -> the kept rows `(tokens, ...)`."""
-        return states.flatten(0, 1).index_select(0, self.index.to(states.device))
-
-    def pad(self, rows: torch.Tensor) -> torch.Tensor:
-        """The kept rows `(tokens, ...)` -> `(batch, length, ...)`, zeros elsewhere."""
-        padded = rows.new_zeros(self.shape[0] * self.shape[1], *rows.shape[1:])
-        return padded.index_copy_(0, self.index.to(rows.device), rows).view(*self.shape, *rows.shape[1:])
-
-
 class FlairAttention(nn.Module):
     """Multi-head self-attention of the towers (CLIP layout: separate q/k/v/out projections)."""
 
@@ -226,7 +201,7 @@ class FlairAttention(nn.Module):
         """Self-attention over `hidden_states`; with `query_positions` (one per sequence) only those positions query
         (output `(batch, 1, width)`), in eager attention under `attention_mask`'s matching rows `(batch, 1, 1, keys)`.
         With `packing`, `hidden_states` and the output are its rows `(tokens, width)`."""
-        query_states = hidden_states if query_positions is None else _at_positions(hidden_states, query_positions)[:, None]
+        query_states = hidden_states if query_positions is None else at_positions(hidden_states, query_positions)[:, None]
         queries = self._heads(self.q_proj(query_states), packing)
         keys = self._heads(self.k_proj(hidden_states), packing)
         values = self._heads(self.v_proj(hidden_states), packing)
@@ -281,7 +256,7 @@ class FlairEncoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         """The pre-LayerNorm block; with `query_positions`, only those positions' outputs `(batch, 1, width)`; with
         `packing`, on its rows `(tokens, width)`."""
-        residual = hidden_states if query_positions is None else _at_positions(hidden_states, query_positions)[:, None]
+        residual = hidden_states if query_positions is None else at_positions(hidden_states, query_positions)[:, None]
         attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, output_attentions, query_positions, packing)[0]
         hidden_states = residual + attended
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
@@ -422,17 +397,12 @@ def _multihead_attention_default(module: nn.Module, factor: float) -> None:
     _zero_biases(module.q_proj, module.k_proj, module.v_proj, module.out_proj)
 
 
-CPU_TEXT_ROWS_PER_CALL = 2560  # positions per text-tower call on the CPU: one call over many more runs slower there
-# (allocations past glibc's 32 MiB mmap threshold fault their pages in on every call); measured on a 2-core CPU
-
-
 class FlairTextModel(FlairPreTrainedModel):
     """Causal text transformer; `pooler_output` is the final-LayerNorm state at the end-of-text token (argmax id)."""
 
     config: FlairTextConfig
     config_class = FlairTextConfig
     input_modalities = ("text",)
-    _input_embed_layer = "token_embedding"
 
     def __init__(self, config: FlairTextConfig):
         super().__init__(config)
@@ -456,15 +426,15 @@ class FlairTextModel(FlairPreTrainedModel):
         mask = _causal_attention_mask(self.config, implementation, attention_mask, hidden_states)
         last_hidden_state = self.final_layer_norm(self.encoder(hidden_states, mask, output_attentions))
         end_of_text = input_ids.to(device=last_hidden_state.device).argmax(dim=-1)
-        pooled_output = _at_positions(last_hidden_state, end_of_text)
+        pooled_output = at_positions(last_hidden_state, end_of_text)
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
 
     def pooled_output(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`pooler_output` alone, each text computed only up to its end-of-text token (all that reaches it under the
         causal mask): cut at the longest text, every layer but the last on the positions up to each end-of-text token
-        alone (`TextPacking`, when some position is dropped), the last at those tokens only. On the CPU, texts of more
-        than `CPU_TEXT_ROWS_PER_CALL` such positions run sorted by length in that many-row calls (each cut at its
-        longest text); elsewhere, and under torch.distributed (where ranks must make equal calls), in one call.
+        alone (`TextPacking`, when some position is dropped), the last at those tokens only, in as many calls as
+        `text_tower_calls` says (on the CPU, texts sorted by length into calls of bounded rows, each cut at its
+        longest text).
 
         A padding mask that keeps every position up to each end-of-text token cannot change the result, so it is
         dropped (the kernels then take the causal flag alone); one with holes before it runs the padded pass under
@@ -484,17 +454,14 @@ class FlairTextModel(FlairPreTrainedModel):
             reaching = torch.arange(cut) <= ends[:, None]
             if not bool(attention_mask[:, :cut].bool().cpu()[reaching].all()):
                 return self._pooled_at_end_of_text(input_ids[:, :cut], attention_mask[:, :cut])
-        calls = 1
-        if input_ids.device.type == "cpu" and not distributed:
-            calls = min(math.ceil(int((ends + 1).sum()) / CPU_TEXT_ROWS_PER_CALL), len(ends))
+        calls = text_tower_calls(ends, input_ids.device, distributed)
         if calls == 1:
             return self._pooled_packed(input_ids, ends)
-        order = ends.argsort()
+        groups = [torch.from_numpy(group) for group in length_sorted_groups(ends.numpy(), calls)]
         # the embeddings run once for all calls: one dense token-embedding gradient, not one per call
         embedded = self.embeddings(input_ids[:, : int(ends.max()) + 1])
-        groups = order.tensor_split(calls)
         pooled = [self._pooled_packed(input_ids[group], ends[group], embedded[group]) for group in groups]
-        return torch.cat(pooled)[order.argsort()]
+        return torch.cat(pooled)[torch.cat(groups).argsort()]
 
     def _pooled_packed(
         self, input_ids: torch.LongTensor, ends: torch.LongTensor, embedded: torch.Tensor | None = None
@@ -529,7 +496,7 @@ class FlairTextModel(FlairPreTrainedModel):
             hidden_states = layer(hidden_states, mask, packing=packing)
         if packing is not None:
             hidden_states = packing.pad(hidden_states)
-        rows = _at_positions(_causal_attention_mask(self.config, "eager", attention_mask, hidden_states)[:, 0], ends)
+        rows = at_positions(_causal_attention_mask(self.config, "eager", attention_mask, hidden_states)[:, 0], ends)
         rows = rows[:, None, None]  # (batch, 1, 1, keys): the causal mask's row at each end-of-text token
         return self.final_layer_norm(last(hidden_states, rows, query_positions=ends)[:, 0])
 
@@ -562,16 +529,6 @@ class FlairVisionModel(FlairPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=last_hidden_state[:, 0])
 
 
-PAIR_IMAGE_CHUNK_SIZE = 16  # images x texts per block of (image, text) pairs: with 8 heads and 197 key slots, one
-PAIR_TEXT_CHUNK_SIZE = 1024  # block's attention weights take 16 * 8 * 1024 * 197 * 4 bytes = 103 MB in float32
-
-
-def flair_cosine(text_conditioned_image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-    """Cosine of each image's embedding pooled for text `t` `(B, T, D)` with text `t`'s embedding `(T, D)`: `(B, T)`."""
-    pooled, text = F.normalize(text_conditioned_image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
-    return torch.einsum("btd,td->bt", pooled, text)
-
-
 class FlairTextConditionedPooling(nn.Module):
     """
     FLAIR's text-conditioned attention pooling: each text embedding queries an image's projected patch tokens.
@@ -587,7 +544,6 @@ class FlairTextConditionedPooling(nn.Module):
         self.num_heads = config.pooling_num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
         self.scale = self.head_dim**-0.5
-        self.is_causal = False
         eps = config.text_config.layer_norm_eps
         self.query_layer_norm = nn.LayerNorm(self.embed_dim, eps=eps)
         self.key_layer_norm = nn.LayerNorm(self.embed_dim, eps=eps)
@@ -642,15 +598,16 @@ class FlairTextConditionedPooling(nn.Module):
         """Every (image, text) pair, in blocks: yields `(images, texts, queries, keys, values)`, the image and text
         index slices of a block and its projected queries `(heads, t, hd)` and keys/values `(b, heads, L + 1, hd)`.
 
-        Queries are projected once, keys and values once per image chunk; inputs move to `device` (default: the head's)
-        chunk by chunk, so `(B, L, D)` tokens may stay on the CPU. Memory per block is bounded by the chunk sizes."""
+        The blocks are `scoring.pair_blocks`'. Queries are projected once, keys and values once per image chunk; inputs
+        move to `device` (default: the head's) chunk by chunk, so `(B, L, D)` tokens may stay on the CPU. Memory per
+        block is bounded by the chunk sizes."""
         device = torch.device(device) if device is not None else self.q_proj.weight.device
         queries = self.project_queries(text_embeds.to(device))
-        for start in range(0, image_token_embeds.shape[0], image_chunk_size):
-            keys, values = self.project_keys_values(image_token_embeds[start : start + image_chunk_size].to(device))
-            images = slice(start, start + keys.shape[0])
-            for t in range(0, queries.shape[1], text_chunk_size):
-                yield images, slice(t, t + text_chunk_size), queries[:, t : t + text_chunk_size], keys, values
+        chunk = None
+        for images, texts in pair_blocks(image_token_embeds.shape[0], text_embeds.shape[0], image_chunk_size, text_chunk_size):
+            if images != chunk:
+                chunk, (keys, values) = images, self.project_keys_values(image_token_embeds[images].to(device))
+            yield images, texts, queries[:, texts], keys, values
 
     def forward(
         self, text_embeds: torch.Tensor, image_token_embeds: torch.Tensor, output_attentions: bool = False
@@ -669,7 +626,6 @@ class FlairModel(FlairPreTrainedModel):
     """
 
     main_input_name = "input_ids"
-    _input_embed_layer = "token_embedding"
     _auto_class = "AutoModel"  # save_pretrained writes the source files and auto_map (remote code)
 
     def __init__(self, config: FlairConfig):
@@ -791,7 +747,10 @@ class FlairModel(FlairPreTrainedModel):
         return features if features is not None else encode(inputs, *encode_args)
 
     def _flair_logits(self, text_conditioned_image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale.exp() * flair_cosine(text_conditioned_image_embeds, text_embeds) + self.logit_bias
+        return logits(flair_cosine(text_conditioned_image_embeds, text_embeds), self.logit_scale.exp(), self.logit_bias)
+
+    def _clip_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        return logits(pairwise_cosine(image_embeds, text_embeds), self.logit_scale.exp())
 
     def get_logits(
         self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, attention_mask: torch.Tensor | None = None
@@ -806,8 +765,7 @@ class FlairModel(FlairPreTrainedModel):
         self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Global-to-global CLIP logits `(per_image (B, T), per_text (T, B))`, no bias, as the original."""
-        cosines = pairwise_cosine(self.get_image_embeds(pixel_values), self.get_text_embeds(input_ids, attention_mask))
-        logits_per_image = self.logit_scale.exp() * cosines
+        logits_per_image = self._clip_logits(self.get_image_embeds(pixel_values), self.get_text_embeds(input_ids, attention_mask))
         return logits_per_image, logits_per_image.t()
 
     @can_return_tuple
@@ -876,7 +834,7 @@ class FlairModel(FlairPreTrainedModel):
         else:
             pooled = self.get_text_conditioned_image_features(text_embeds, image_token_embeds)
         logits_per_image = self._flair_logits(pooled, text_embeds)
-        logits_as_clip = self.logit_scale.exp() * pairwise_cosine(image_embeds, text_embeds)
+        logits_as_clip = self._clip_logits(image_embeds, text_embeds)
         return FlairOutput(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.t(),

@@ -37,10 +37,6 @@ class FlairTextConfig(PreTrainedConfig):
     bos_token_id: int | None = 49406
     eos_token_id: int | list[int] | None = 49407
 
-    def __post_init__(self, **kwargs):
-        kwargs.pop("length_groups", None)  # earlier versions' text length groups, replaced by packing: not kept
-        super().__post_init__(**kwargs)
-
     def validate_architecture(self):
         _check_multiple("text hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
 

@@ -13,7 +13,7 @@ all from `pixel_values` and `input_ids`, at any image size (`interpolate_pos_enc
 import torch
 import torch.nn.functional as F
 
-from .modeling_flair import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, pairwise_cosine
+from .scoring import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, pairwise_cosine
 
 MAP_KINDS = ("attention", "similarity")
 

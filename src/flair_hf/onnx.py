@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .preprocessing import (
     FLAIR_PAD_TOKEN_ID, array_to_image, as_image_list, as_text_list, clean_caption, image_to_pixels, open_image,
 )  # fmt: skip
+from .scoring import l2_normalize, length_sorted_groups, logits, pair_blocks, pairwise_cosine
 
 MANIFEST = "flair_onnx.json"
 FORMAT = "flair-onnx"
@@ -40,10 +41,6 @@ def _onnxruntime():
     except ImportError:
         raise ImportError("flair_hf.onnx needs ONNX Runtime: pip install 'flair-hf[onnx]' (or onnxruntime)") from None
     return onnxruntime
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def ids_up_to_end_of_text(input_ids) -> list[list[int]]:
@@ -111,9 +108,8 @@ class FlairOnnxModel:
         sorted by length into at least the manifest's `length_groups` calls (of at most `batch_size`), each cut at its
         longest (later positions cannot reach `<end_of_text>` under the causal mask)."""
         embeds = np.zeros((len(ids), self.manifest["projection_dim"]), dtype=np.float32)
-        order = np.argsort([len(i) for i in ids], kind="stable")
         calls = max(-(-len(ids) // batch_size), min(self.manifest["length_groups"], len(ids)))
-        batches = np.array_split(order, calls) if len(ids) else []
+        batches = length_sorted_groups([len(i) for i in ids], calls) if len(ids) else []
         for rows in tqdm(batches, desc="encoding texts", disable=not show_progress_bar):
             batch = np.full((len(rows), max(len(ids[r]) for r in rows)), FLAIR_PAD_TOKEN_ID, dtype=np.int64)
             for row, index in enumerate(rows):
@@ -141,7 +137,7 @@ class FlairOnnxModel:
 
     def flair_logits(self, text_embeds: np.ndarray, image_token_embeds: np.ndarray) -> np.ndarray:
         """FLAIR logits `(B, T)`: `logit_scale * cosine + logit_bias`."""
-        return self.logit_scale * self.flair_cosines(text_embeds, image_token_embeds) + self.logit_bias
+        return logits(self.flair_cosines(text_embeds, image_token_embeds), self.logit_scale, self.logit_bias)
 
     def flair_cosines(self, text_embeds: np.ndarray, image_token_embeds: np.ndarray) -> np.ndarray:
         """Cosine of each image pooled for each text with that text: `(B, T)`."""
@@ -156,19 +152,18 @@ class FlairOnnxModel:
         """A pair graph over every (image, text) pair, in blocks of the export's chunk sizes: `(B, T, *trailing)`."""
         image_chunk, text_chunk = self.manifest["pair_chunk_sizes"]
         output = np.zeros((len(image_token_embeds), len(text_embeds), *trailing), dtype=np.float32)
-        for i in range(0, len(image_token_embeds), image_chunk):
-            for t in range(0, len(text_embeds), text_chunk):
-                feed = {"text_embeds": text_embeds[t : t + text_chunk], "image_token_embeds": image_token_embeds[i : i + image_chunk]}
-                output[i : i + image_chunk, t : t + text_chunk] = self.sessions[graph].run(None, feed)[0]
+        for images, texts in pair_blocks(len(image_token_embeds), len(text_embeds), image_chunk, text_chunk):
+            feed = {"text_embeds": text_embeds[texts], "image_token_embeds": image_token_embeds[images]}
+            output[images, texts] = self.sessions[graph].run(None, feed)[0]
         return output
 
     def encode_text(self, texts, batch_size: int = 256, show_progress_bar: bool = False) -> np.ndarray:
         """L2-normalised global embeddings `(T, D)` (float32) of a string or a list of strings."""
-        return _normalize(self.text_embeds(texts, batch_size, show_progress_bar))
+        return l2_normalize(self.text_embeds(texts, batch_size, show_progress_bar))
 
     def encode_image(self, images, batch_size: int = 64, show_progress_bar: bool = False) -> np.ndarray:
         """L2-normalised global embeddings `(B, D)` (float32) of one image or a list."""
-        return _normalize(self.image_features(images, batch_size, show_progress_bar)[0])
+        return l2_normalize(self.image_features(images, batch_size, show_progress_bar)[0])
 
     def score(self, images, texts) -> dict[str, np.ndarray]:
         """FLAIR logits `(B, T)` of images against texts, with `probs` (softmax over the texts), `sigmoid_probs` and
@@ -178,12 +173,12 @@ class FlairOnnxModel:
             raise ValueError(f"score() got {len(images)} images and {len(texts)} texts: pass at least one of each")
         text_embeds = self.text_embeds(texts)
         image_embeds, tokens = self.image_features(images)
-        logits = self.flair_logits(text_embeds, tokens)
+        flair = self.flair_logits(text_embeds, tokens)
         return {
-            "logits": logits,
-            "probs": _softmax(logits),
-            "sigmoid_probs": 0.5 * (1 + np.tanh(logits / 2)),  # the sigmoid, without overflow for large logits
-            "logits_as_clip": self.logit_scale * _normalize(image_embeds) @ _normalize(text_embeds).T,
+            "logits": flair,
+            "probs": _softmax(flair),
+            "sigmoid_probs": 0.5 * (1 + np.tanh(flair / 2)),  # the sigmoid, without overflow for large logits
+            "logits_as_clip": logits(pairwise_cosine(image_embeds, text_embeds), self.logit_scale),
         }
 
 

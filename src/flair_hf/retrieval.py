@@ -12,7 +12,7 @@ The original's own loop (one pooling-block call per image, all texts as queries)
 import torch
 import torch.nn.functional as F
 
-from .modeling_flair import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, pairwise_cosine
+from .scoring import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, pairwise_cosine
 
 
 def global_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:

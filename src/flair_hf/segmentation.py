@@ -23,7 +23,7 @@ from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .dense import caption_attention_maps
-from .modeling_flair import pairwise_cosine
+from .scoring import pairwise_cosine
 from .zero_shot import class_query_embeddings, data_text, imagenet_templates
 
 IGNORE_INDEX = 255
