@@ -33,7 +33,8 @@ from flair_hf_benchmarks.synthetic import caption_ids, synthetic_shards
 from flair_hf_conversion.convert_flair_to_hf import convert_state_dict
 from flair_hf_conversion.original_forward import OriginalFlair
 from flair_hf_training.data import FlairTrainingStream, make_collate, parse_sources
-from flair_hf_training.train import TrainConfig, build_optimizer
+from flair_hf_training.config import TrainConfig
+from flair_hf_training.train import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

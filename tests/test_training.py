@@ -241,7 +241,8 @@ def test_simulated_two_node_fsdp2_launch(data, tmp_path):
 def test_starts_from_a_clip_checkpoint_in_hf_format(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
-    from flair_hf_training.train import TrainConfig, build_model, build_processor, parameter_groups
+    from flair_hf_training.config import TrainConfig
+    from flair_hf_training.train import build_model, build_processor, parameter_groups
 
     clip = CLIPModel(CLIPConfig(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "hidden_act": "gelu"},
@@ -281,7 +282,7 @@ def test_resume_keeps_the_schedule_and_says_when_finished(data, tmp_path):
 def test_help_lists_every_option_with_help_and_default():
     import dataclasses
 
-    from flair_hf_training.train import TrainConfig
+    from flair_hf_training.config import TrainConfig
 
     text = run([sys.executable, TRAIN, "--help"]).stdout
     for item in dataclasses.fields(TrainConfig):

@@ -10,6 +10,8 @@ from conftest import ROOT
 from initialisation import assert_original_initialisation
 from flair_hf_conversion import convert_flair_to_hf as converter
 from flair_hf_training import train
+from flair_hf_training.checkpoints import start_logs
+from flair_hf_training.config import load_config
 
 TINY = str(ROOT / "training" / "configs" / "tiny_cpu.yaml")
 
@@ -20,7 +22,7 @@ def original_exempt(name: str, ndim: int) -> bool:
 
 
 def test_weight_decay_groups_equal_the_originals():
-    model = train.build_model(train.load_config(["--config", TINY]))
+    model = train.build_model(load_config(["--config", TINY]))
     decay, no_decay = train.parameter_groups(model, 0.5)
     assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
     shapes = converter.original_shapes(model.config)  # the original's names (fused q/k/v): compare element counts
@@ -49,13 +51,13 @@ def test_from_scratch_initialisation_is_the_originals():
 
 
 def test_options_are_parsed_by_type_from_the_command_line_and_yaml(tmp_path):
-    config = train.load_config(["--config", TINY, "--lr", "1e-4", "--eps", "1e-6", "--weight-decay", "1e-2", "--grad-clip-norm", "1",
+    config = load_config(["--config", TINY, "--lr", "1e-4", "--eps", "1e-6", "--weight-decay", "1e-2", "--grad-clip-norm", "1",
                                 "--gradient-checkpointing", "true", "--caption-keys", "raw_caption,longSV_captions"])  # fmt: skip
     assert (config.lr, config.eps, config.weight_decay, config.grad_clip_norm) == (1e-4, 1e-6, 1e-2, 1.0)
     assert isinstance(config.grad_clip_norm, float) and config.gradient_checkpointing is True
     assert config.caption_keys == ["raw_caption", "longSV_captions"]
     (tmp_path / "c.yaml").write_text("lr: 1e-3\nbeta2: 9.8e-1\nbatch_size: 16\nmax_steps: null\n")  # YAML 1.1 reads 1e-3 as a string
-    config = train.load_config(["--config", str(tmp_path / "c.yaml")])
+    config = load_config(["--config", str(tmp_path / "c.yaml")])
     assert (config.lr, config.beta2, config.batch_size, config.max_steps) == (1e-3, 0.98, 16, None)
 
 
@@ -76,7 +78,7 @@ def test_options_are_parsed_by_type_from_the_command_line_and_yaml(tmp_path):
 )
 def test_bad_options_are_one_line_errors(args, message):
     with pytest.raises(SystemExit) as error:
-        train.load_config(["--config", TINY, *args])
+        load_config(["--config", TINY, *args])
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
@@ -91,7 +93,7 @@ def test_bad_options_are_one_line_errors(args, message):
     ],
 )
 def test_null_lists_and_booleans(args, expected):
-    config = train.load_config(["--config", TINY, *args])
+    config = load_config(["--config", TINY, *args])
     assert {name: getattr(config, name) for name in expected} == expected
 
 
@@ -106,14 +108,14 @@ def test_null_lists_and_booleans(args, expected):
 )
 def test_more_bad_options_are_one_line_errors(args, message):
     with pytest.raises(SystemExit) as error:
-        train.load_config(["--config", TINY, *args])
+        load_config(["--config", TINY, *args])
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
 def test_resumed_logs_keep_each_step_once_and_drop_a_torn_line(tmp_path):
     (tmp_path / "checkpoints" / "step_4").mkdir(parents=True)
     (tmp_path / "losses.jsonl").write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in range(1, 6)) + '{"step": 6, "lo')
-    train.start_logs(tmp_path, tmp_path / "checkpoints" / "step_2", 2)
+    start_logs(tmp_path, tmp_path / "checkpoints" / "step_2", 2)
     assert (tmp_path / "losses.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0}\n'
     assert not (tmp_path / "checkpoints" / "step_4").exists()  # an abandoned continuation
 
@@ -121,10 +123,10 @@ def test_resumed_logs_keep_each_step_once_and_drop_a_torn_line(tmp_path):
 def test_fused_adamw_gives_the_per_tensor_loops_update():
     """`--fused-adamw` (default true) picks torch's fused kernel, `false` torch's default (the original's call, a
     per-tensor loop on CPU); three fused steps equal the loop's (foreach=False) to a few float32 ulps."""
-    plain = train.load_config(["--config", TINY, "--fused-adamw", "false"])
+    plain = load_config(["--config", TINY, "--fused-adamw", "false"])
     unfused = train.build_optimizer(train.build_model(plain), plain)
     assert not unfused.defaults["fused"] and not unfused.defaults["foreach"]
-    config = train.load_config(["--config", TINY, "--lr", "1e-3"])
+    config = load_config(["--config", TINY, "--lr", "1e-3"])
     model = train.build_model(config)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     reference = train.build_model(config)
