@@ -32,7 +32,8 @@ from torch import nn
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.scoring import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, flair_cosine
 from flair_hf.onnx import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, TEXT_LENGTH_GROUPS, FlairOnnxModel, ids_up_to_end_of_text
-from flair_hf_conversion.convert_flair_to_hf import ConversionError, check_output_dir, local_revision, staged_output_dir
+from flair_hf_conversion.convert_flair_to_hf import check_output_dir, local_revision, staged_output_dir
+from flair_hf_conversion.state_dict import ConversionError
 
 OPSET = 18
 QUANTIZATIONS = ("int8",)

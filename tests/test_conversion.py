@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, TINY_OPEN_CLIP_CONFIG, converter
+from flair_hf_conversion import hub, state_dict
 
 TINY_STATE_DICT = FIXTURES / "tiny" / "flair-tiny-state-dict.pt"
 
@@ -20,7 +21,7 @@ def convert_tiny(source, output, **kwargs):
 
 def expect_failure(source, tmp_path, match):
     output = tmp_path / "out"
-    with pytest.raises(converter.ConversionError, match=match):
+    with pytest.raises(state_dict.ConversionError, match=match):
         convert_tiny(source, output)
     assert not output.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
@@ -75,13 +76,13 @@ def test_module_prefix_fp16_checkpoint_converts_and_verifies(tiny_tensors, tmp_p
 def test_existing_output_is_not_overwritten(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(converter.ConversionError, match="exists and is not empty"):
+    with pytest.raises(state_dict.ConversionError, match="exists and is not empty"):
         convert_tiny(TINY_STATE_DICT, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
 
 
 def test_verify_catches_a_wrong_mapping(monkeypatch, tmp_path):
-    original_split = converter._split_in_proj
+    original_split = state_dict._split_in_proj
 
     def swapped_q_k(tensors, source, target):
         converted = original_split(tensors, source, target)
@@ -90,8 +91,8 @@ def test_verify_catches_a_wrong_mapping(monkeypatch, tmp_path):
         )  # fmt: skip
         return converted
 
-    monkeypatch.setattr(converter, "_split_in_proj", swapped_q_k)
-    with pytest.raises(converter.ConversionError, match="--verify failed"):
+    monkeypatch.setattr(state_dict, "_split_in_proj", swapped_q_k)
+    with pytest.raises(state_dict.ConversionError, match="--verify failed"):
         convert_tiny(TINY_STATE_DICT, tmp_path / "out", run_verify=True)
     assert not (tmp_path / "out").exists()
 
@@ -111,7 +112,7 @@ def test_released_name_offline_gives_clear_error(monkeypatch, tmp_path):
         raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(converter.ConversionError, match="could not download flair-cc3m-recap.pt from .*xiaorui638/flair.*local path"):
+    with pytest.raises(state_dict.ConversionError, match="could not download flair-cc3m-recap.pt from .*xiaorui638/flair.*local path"):
         converter.convert("flair-cc3m-recap", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -147,7 +148,7 @@ def test_push_to_hub_uploads_folder_with_model_card(monkeypatch, tmp_path, tiny_
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     folder = tmp_path / "model"
     shutil.copytree(tiny_dir, folder)
-    converter.push_to_hub(folder, "me/flair-tiny", str(tmp_path / "private" / "flair-tiny.pt"), {"logits_per_image": 1e-6})
+    hub.push_to_hub(folder, "me/flair-tiny", str(tmp_path / "private" / "flair-tiny.pt"), {"logits_per_image": 1e-6})
     assert calls[0] == ("create_repo", "me/flair-tiny", True)
     assert calls[1][0] == "upload_folder" and {"README.md", "model.safetensors", "modeling_flair.py"} <= set(calls[1][2])
     card = (folder / "README.md").read_text()
@@ -176,20 +177,20 @@ def test_push_to_hub_offline_fails_clearly(monkeypatch, tmp_path, tiny_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tmp_path / "model"
     shutil.copytree(tiny_dir, folder)
-    with pytest.raises(converter.ConversionError, match="push to the Hub repository me/flair-tiny failed.*kept in"):
-        converter.push_to_hub(folder, "me/flair-tiny", "flair-tiny.pt", None)
+    with pytest.raises(state_dict.ConversionError, match="push to the Hub repository me/flair-tiny failed.*kept in"):
+        hub.push_to_hub(folder, "me/flair-tiny", "flair-tiny.pt", None)
 
 
 def test_every_manifest_key_is_mapped():
     import json
 
     manifest = json.loads((FIXTURES / "vit-b-16-flair-state-dict-manifest.json").read_text())
-    config = converter.flair_config_from_open_clip(converter.VIT_B_16_FLAIR)
-    expected = converter.original_shapes(config)
+    config = state_dict.flair_config_from_open_clip(state_dict.VIT_B_16_FLAIR)
+    expected = state_dict.original_shapes(config)
     assert [e["name"] for e in manifest["state_dict"]] == list(expected)
     assert all(tuple(e["shape"]) == expected[e["name"]] for e in manifest["state_dict"])
     tensors = {name: torch.zeros(shape) for name, shape in expected.items()}
-    converted = converter.convert_state_dict(tensors, config)
+    converted = state_dict.convert_state_dict(tensors, config)
     assert sum(v.numel() for v in converted.values()) == manifest["num_parameters"]
     from flair_hf import FlairModel
 
@@ -227,7 +228,7 @@ def test_model_card_metadata_parses_with_huggingface_hub(tmp_path):
                  "metrics": {"text_to_image_R@1": 53.1, "image_to_text_R@1": 67.9}}]  # fmt: skip
     (tmp_path / "results.json").write_text(json.dumps(measured))
     path = tmp_path / "README.md"
-    path.write_text(converter.model_card("me/flair-merged30m-hf", "flair-merged30m", {"logits_per_image": 1e-6},
+    path.write_text(hub.model_card("me/flair-merged30m-hf", "flair-merged30m", {"logits_per_image": 1e-6},
                                          converter.read_results(str(tmp_path / "results.json"))))  # fmt: skip
     card = ModelCard.load(path)
     data = card.data
@@ -240,9 +241,9 @@ def test_model_card_metadata_parses_with_huggingface_hub(tmp_path):
     assert results[("coco", "measured", "image-to-text R@1")][0] == 67.9
     assert "measured with flair-hf" in results[("coco", "measured", "text-to-image R@1")][1]
     # a local checkpoint: no base model, no published results, no training-data claim
-    local = ModelCard(converter.model_card("me/x", "flair-tiny.pt", None)).data
+    local = ModelCard(hub.model_card("me/x", "flair-tiny.pt", None)).data
     assert local.base_model is None and local.eval_results is None and local.datasets is None
-    with pytest.raises(converter.ConversionError, match="expected the JSON list that benchmarks/evaluate_retrieval.py writes"):
+    with pytest.raises(state_dict.ConversionError, match="expected the JSON list that benchmarks/evaluate_retrieval.py writes"):
         (tmp_path / "bad.json").write_text("{}")
         converter.read_results(str(tmp_path / "bad.json"))
 
@@ -252,7 +253,7 @@ def test_sizes_are_read_from_the_checkpoint_and_heads_must_be_given(tmp_path, ti
     from flair_hf import FlairModel
 
     tiny = str(FIXTURES / "tiny" / "flair-tiny-state-dict.pt")
-    with pytest.raises(converter.ConversionError, match=r"not ViT-B-16-FLAIR \(vision width 64, 2 layers, patch 16, image 224; "
+    with pytest.raises(state_dict.ConversionError, match=r"not ViT-B-16-FLAIR \(vision width 64, 2 layers, patch 16, image 224; "
                        r"text width 32, 2 layers, context 77, vocab 49408; embed dim 32\); head counts cannot be read"):  # fmt: skip
         converter.convert(tiny, tmp_path / "no-heads")
     converter.convert(tiny, tmp_path / "inferred", text_heads=2, vision_heads=2)
@@ -272,12 +273,12 @@ def test_wrong_size_error_is_a_short_summary(tmp_path):
     from conftest import FIXTURES
 
     tiny = str(FIXTURES / "tiny" / "flair-tiny-state-dict.pt")
-    with pytest.raises(converter.ConversionError) as error:
-        converter.convert(tiny, tmp_path / "out", converter.VIT_B_16_FLAIR)
+    with pytest.raises(state_dict.ConversionError) as error:
+        converter.convert(tiny, tmp_path / "out", state_dict.VIT_B_16_FLAIR)
     message = str(error.value)
     assert len(message) < 1500, len(message)
     assert "expected architecture (vision width 768, 12 layers" in message and "The file looks like: vision width 64" in message
     assert "more; --verbose lists all" in message and "--open-clip-config" in message
-    with pytest.raises(converter.ConversionError) as verbose:
-        converter.convert(tiny, tmp_path / "out", converter.VIT_B_16_FLAIR, verbose=True)
+    with pytest.raises(state_dict.ConversionError) as verbose:
+        converter.convert(tiny, tmp_path / "out", state_dict.VIT_B_16_FLAIR, verbose=True)
     assert len(str(verbose.value)) > 5000 and "--verbose lists all" not in str(verbose.value)

@@ -282,11 +282,12 @@ def test_random_init_from_config_is_the_originals_and_runs():
 def test_config_defaults_are_the_released_architecture_and_validated():
     import json
 
-    from conftest import FIXTURES, converter
+    from conftest import FIXTURES
+    from flair_hf_conversion.state_dict import original_shapes
 
     config = FlairConfig()
     manifest = json.loads((FIXTURES / "vit-b-16-flair-state-dict-manifest.json").read_text())
-    assert converter.original_shapes(config) == {e["name"]: tuple(e["shape"]) for e in manifest["state_dict"]}
+    assert original_shapes(config) == {e["name"]: tuple(e["shape"]) for e in manifest["state_dict"]}
     assert config.text_config.hidden_act == config.vision_config.hidden_act == "gelu"
     assert config.pooling_num_attention_heads == 8 and config.logit_bias_init_value == -10.0
     with pytest.raises(Exception, match="projection_dim \\(30\\) is not a multiple of pooling_num_attention_heads"):

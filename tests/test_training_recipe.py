@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT
 from initialisation import assert_original_initialisation
-from flair_hf_conversion import convert_flair_to_hf as converter
+from flair_hf_conversion.state_dict import original_shapes
 from flair_hf_training import train
 from flair_hf_training.checkpoints import start_logs
 from flair_hf_training.config import load_config
@@ -25,7 +25,7 @@ def test_weight_decay_groups_equal_the_originals():
     model = train.build_model(load_config(["--config", TINY]))
     decay, no_decay = train.parameter_groups(model, 0.5)
     assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
-    shapes = converter.original_shapes(model.config)  # the original's names (fused q/k/v): compare element counts
+    shapes = original_shapes(model.config)  # the original's names (fused q/k/v): compare element counts
     assert sum(p.numel() for p in model.parameters()) == sum(math.prod(s) for s in shapes.values())
     assert sum(p.numel() for p in decay["params"]) == sum(math.prod(s) for n, s in shapes.items() if not original_exempt(n, len(s)))
     assert sum(p.numel() for p in no_decay["params"]) == sum(math.prod(s) for n, s in shapes.items() if original_exempt(n, len(s)))
