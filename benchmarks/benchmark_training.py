@@ -30,10 +30,10 @@ from flair_hf.retrieval import autocast_context
 from flair_hf_benchmarks.measurement import peak_memory_mib, reset_peak, synchronize, timed
 from flair_hf_benchmarks.reporting import write_json
 from flair_hf_benchmarks.synthetic import caption_ids, synthetic_shards
-from flair_hf_conversion.state_dict import convert_state_dict
 from flair_hf_conversion.original_forward import OriginalFlair
-from flair_hf_training.data import FlairTrainingStream, make_collate, parse_sources
+from flair_hf_conversion.state_dict import convert_state_dict
 from flair_hf_training.config import TrainConfig
+from flair_hf_training.data import FlairTrainingStream, make_collate, parse_sources
 from flair_hf_training.train import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]

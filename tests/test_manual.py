@@ -69,6 +69,12 @@ FIGURES = {
     "tokenizer": ("tokenizer-cpu.json", [("speed_ratio_flair_hf_over_original",)], "{:.2f}x"),
     "ONNX Runtime int8": ("onnx-cpu.json", [("backends", "onnx-int8", "image", "speedup_vs_pytorch")], "{:.2f}x"),
     "the bundled model": ("learning-cpu.json", [("per_run", "flair-seed0", "long/flair/R@1")], "{:.1f} %"),
+    "drift on the bundled model, one-item R@1": ("learning-cpu.json", [("drift", "fp32 R@1"), ("drift", "bf16 autocast", "R@1"),
+                                                                       ("drift", "onnx int8", "R@1")], "{:.1f} %"),
+    "drift on the bundled model, top-1 agreement": ("learning-cpu.json", [("drift", "bf16 autocast", "top1_agreement"),
+                                                                          ("drift", "onnx int8", "top1_agreement")], "{:.1f} %"),
+    "topk against flair scoring": ("learning-cpu.json", [("per_run", "flair-seed0", "long/topk/R@1"),
+                                                         ("per_run", "flair-seed0", "long/flair/R@1")], "{:.1f} %"),
 }  # fmt: skip
 
 
