@@ -36,7 +36,7 @@ def model_revision(model, model_id: str) -> str:
     commit = getattr(model.config, "_commit_hash", None)
     if commit:
         return commit
-    revision = local_revision(model_id, ("*.safetensors", "*.onnx", "*.onnx.data"))
+    revision = local_revision(model_id, ("*.safetensors", "onnx/*.onnx"))
     if revision is None:
         raise SystemExit(f"--model {model_id}: no .safetensors or .onnx weights to key the feature cache on")
     return revision

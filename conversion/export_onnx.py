@@ -2,16 +2,19 @@
 
     python conversion/export_onnx.py MODEL_DIR OUT_DIR [--quantize int8]
 
-MODEL_DIR is a directory written by `convert_flair_to_hf.py` (or a Hub id in the local cache). OUT_DIR receives
-`text_encoder.onnx` (token ids `(T, L)`, any T and L <= 77 -> global text embeddings), `image_encoder.onnx` (pixels
-`(B, 3, 224, 224)` -> global image embeddings and projected patch tokens), `pair_scorer.onnx` (text embeddings
-`(T, D)` x patch tokens `(B, L, D)` -> FLAIR cosines `(B, T)`), `pair_attention.onnx` (the same inputs -> the
-head-averaged pooling attention over the patches `(B, T, L)`, for dense maps and segmentation), each with its weights in a file beside it
-(`*.onnx.data`; one file per int8 graph), the processor files and `flair_onnx.json`; load it
-with `flair_hf.onnx.FlairOnnxModel`. Every graph is checked against PyTorch at batch sizes and caption lengths other
-than the export's before the directory is moved into place. `--quantize int8` then applies ONNX Runtime's dynamic
-int8 quantization to the weights of every MatMul/Gemm (activations quantized at run time), runs the int8 graphs and
-records their drift from PyTorch in `flair_onnx.json`. No graph keeps the exporter's source locations (local paths).
+MODEL_DIR is a directory written by `convert_flair_to_hf.py` (or a Hub id in the local cache). OUT_DIR receives, in
+`onnx/`, `text_model.onnx` (token ids `input_ids` `(T, L)`, any T and L <= 77 -> global `text_embeds`),
+`vision_model.onnx` (`pixel_values` `(B, 3, H, W)` -> global `image_embeds` and projected patch tokens
+`image_token_embeds`), `pair_scorer.onnx` (text embeddings `(T, D)` x patch tokens `(B, L, D)` -> FLAIR cosines
+`(B, T)`) and `pair_attention.onnx` (the same inputs -> the head-averaged pooling attention over the patches
+`(B, T, L)`, for dense maps and segmentation), each one file with its weights; beside them the processor files,
+`config.json` and `preprocessor_config.json` (what transformers.js reads: its `CLIPTextModelWithProjection` and
+`CLIPVisionModelWithProjection` load the two towers as they are) and `flair_onnx.json`; load it with
+`flair_hf.onnx.FlairOnnxModel`. Every graph is checked against PyTorch at batch sizes and caption lengths other
+than the export's before the directory is moved into place. `--quantize int8` also writes ONNX Runtime's dynamic int8
+quantization of every graph beside it (`*_quantized.onnx`, transformers.js' `dtype: "q8"`; int8 weights of every
+MatMul/Gemm, activations quantized at run time), runs those graphs and records their drift from PyTorch in
+`flair_onnx.json`. No graph keeps the exporter's source locations (local paths).
 
 The exporter is `torch.onnx.export(dynamo=True)`: it takes the model's own modules through `torch.export`, so each
 graph is a small wrapper around `FlairModel` methods; optimum's exporter carries one model per ONNX config and has no
@@ -31,7 +34,9 @@ from torch import nn
 
 from flair_hf import FlairModel, FlairProcessor
 from flair_hf.scoring import PAIR_IMAGE_CHUNK_SIZE, PAIR_TEXT_CHUNK_SIZE, flair_cosine
-from flair_hf.onnx import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, TEXT_LENGTH_GROUPS, FlairOnnxModel, ids_up_to_end_of_text
+from flair_hf.onnx import (
+    FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, TEXT_LENGTH_GROUPS, FlairOnnxModel, ids_up_to_end_of_text, quantized_name,
+)  # fmt: skip
 from flair_hf_conversion.convert_flair_to_hf import check_output_dir, local_revision, staged_output_dir
 from flair_hf_conversion.state_dict import ConversionError
 
@@ -123,7 +128,8 @@ def export_graphs(model: FlairModel, directory: Path) -> None:
             module.eval(), tuple(inputs[i] for i in input_names), dynamo=True, opset_version=OPSET, verbose=False,
             input_names=list(input_names), output_names=output_names, dynamic_shapes=dynamic_shapes,
         )  # fmt: skip
-        program.save(str(directory / GRAPHS[name]), external_data=True)
+        (directory / GRAPHS[name]).parent.mkdir(exist_ok=True)
+        program.save(str(directory / GRAPHS[name]), external_data=False)  # one file a graph, as transformers.js loads it
         strip_source_locations(directory / GRAPHS[name])
 
 
@@ -138,15 +144,23 @@ def strip_source_locations(path: Path) -> None:
 
 
 def quantize_int8(directory: Path) -> None:
-    """ONNX Runtime dynamic quantization of every graph in place: int8 weights of MatMul/Gemm, activations at run time."""
+    """ONNX Runtime dynamic quantization of every graph, written beside it (`_quantized`): int8 weights of
+    MatMul/Gemm, activations quantized at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for file in GRAPHS.values():
-        source = directory / file
-        staged = source.with_suffix(".int8.onnx")
-        quantize_dynamic(source, staged, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True)
-        staged.replace(source)  # one file again: the fp32 weights beside it are no longer referenced
-        source.with_name(source.name + ".data").unlink(missing_ok=True)
+        quantize_dynamic(directory / file, directory / quantized_name(file), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"], per_channel=True)  # fmt: skip
+
+
+def write_transformers_js_files(model: FlairModel, processor: FlairProcessor, directory: Path) -> None:
+    """What transformers.js reads beside the graphs: `config.json` and the image processor as CLIP's
+    (`preprocessor_config.json`: the same resize, crop and normalisation); `tokenizer.json` is the processor's."""
+    settings = {key: value for key, value in processor.image_processor.to_dict().items() if key != "auto_map"}
+    settings["image_processor_type"] = "CLIPImageProcessor"
+    (directory / "preprocessor_config.json").write_text(json.dumps(settings, indent=2))
+    config = {"model_type": "flair", "architectures": ["FlairModel"], "projection_dim": model.config.projection_dim}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def embedding_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -164,10 +178,10 @@ def pytorch_reference(model: FlairModel) -> dict[str, np.ndarray]:
     return expected
 
 
-def compare_with_pytorch(expected: dict[str, np.ndarray], directory: Path) -> dict[str, dict[str, float]]:
-    """The export, run as `FlairOnnxModel` runs it, against `pytorch_reference`: each output's largest absolute
-    difference and the embeddings' smallest cosines."""
-    exported = FlairOnnxModel.from_pretrained(directory)
+def compare_with_pytorch(expected: dict[str, np.ndarray], directory: Path, precision: str) -> dict[str, dict[str, float]]:
+    """The export's `precision` graphs, run as `FlairOnnxModel` runs them, against `pytorch_reference`: each
+    output's largest absolute difference and the embeddings' smallest cosines."""
+    exported = FlairOnnxModel.from_pretrained(directory, precision=precision)
     got = {"text_embeds": exported.embed_token_ids(ids_up_to_end_of_text(expected["input_ids"]))}
     got["image_embeds"], got["image_token_embeds"] = exported.pixel_features(expected["pixel_values"])
     got["flair_cosines"] = exported.flair_cosines(expected["text_embeds"], expected["image_token_embeds"])
@@ -203,6 +217,7 @@ def manifest(model: FlairModel, model_dir: Path, quantize: str | None, fp32: dic
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "graphs": GRAPHS,
+        "quantized_graphs": {name: quantized_name(file) for name, file in GRAPHS.items()} if quantize else None,
         "opset": OPSET,
         "quantization": f"{quantize}-dynamic" if quantize else None,
         "logit_scale": float(model.logit_scale.detach().exp()),
@@ -236,14 +251,15 @@ def export(model_dir, output_dir, quantize: str | None = None) -> dict:
     with staged_output_dir(output_dir) as staging:
         export_graphs(model, staging)
         processor.save_pretrained(staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest(model, source, None, {}), indent=2))  # what the runtime reads
+        write_transformers_js_files(model, processor, staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest(model, source, quantize, {}), indent=2))  # what the runtime reads
         expected = pytorch_reference(model)
-        fp32 = compare_with_pytorch(expected, staging)
+        fp32 = compare_with_pytorch(expected, staging, "fp32")
         check_fp32(fp32, CHECK_TOLERANCE)
         int8 = None
         if quantize:
             quantize_int8(staging)
-            int8 = compare_with_pytorch(expected, staging)
+            int8 = compare_with_pytorch(expected, staging, "int8")
             check_int8(int8)
         (staging / MANIFEST).write_text(json.dumps(manifest(model, source, quantize, fp32, int8), indent=2))
     return {"output_dir": str(output_dir), "seconds": time.perf_counter() - start, "fp32": fp32, "int8": int8}

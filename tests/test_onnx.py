@@ -17,7 +17,7 @@ import torch
 
 from conftest import FIXTURES, ROOT
 from manual import bash_commands, code_blocks, run_command, run_python, section, workdir
-from flair_hf.onnx import FlairOnnxModel
+from flair_hf.onnx import FlairOnnxModel, quantized_name
 from flair_hf_benchmarks.benchmark_onnx import run_runtime_only
 from flair_hf_conversion import export_onnx
 
@@ -133,9 +133,15 @@ def test_int8_quantizes_the_matmuls_and_drifts_within_measured_bounds(full_onnx,
     int8_dir = tmp_path / "int8"
     shutil.copytree(full_onnx, int8_dir)
     export_onnx.quantize_int8(int8_dir)
-    ops = {node.op_type for node in onnx.load(str(int8_dir / "image_encoder.onnx")).graph.node}
+    ops = {node.op_type for node in onnx.load(str(int8_dir / "onnx" / "vision_model_quantized.onnx")).graph.node}
     assert ops & {"DynamicQuantizeMatMul", "MatMulInteger"}, ops
+    manifest = json.loads((int8_dir / "flair_onnx.json").read_text())
+    manifest["quantized_graphs"] = {name: quantized_name(file) for name, file in manifest["graphs"].items()}
+    (int8_dir / "flair_onnx.json").write_text(json.dumps(manifest))
     fp32, int8 = FlairOnnxModel.from_pretrained(full_onnx), FlairOnnxModel.from_pretrained(int8_dir)
+    assert FlairOnnxModel.from_pretrained(int8_dir, precision="fp32").encode_text(TEXTS).tolist() == fp32.encode_text(TEXTS).tolist()
+    with pytest.raises(ValueError, match="no int8 graphs: export it with --quantize int8"):
+        FlairOnnxModel.from_pretrained(full_onnx, precision="int8")
     for encode, items in (("encode_text", TEXTS), ("encode_image", IMAGES)):
         cosines = (getattr(fp32, encode)(items) * getattr(int8, encode)(items)).sum(-1)
         assert cosines.min() > INT8_MIN_COSINE, (encode, cosines)
@@ -302,13 +308,13 @@ def test_graphs_load_on_first_use_and_an_incomplete_export_is_refused(tiny_onnx,
     assert list(exported.sessions) == ["text"]
     partial = tmp_path / "partial"
     shutil.copytree(tiny_onnx, partial)
-    (partial / "pair_attention.onnx").unlink()
+    (partial / "onnx" / "pair_attention.onnx").unlink()
     with pytest.raises(FileNotFoundError, match="lacks the attention graph"):
         FlairOnnxModel.from_pretrained(partial)
-    config = json.loads((partial / "processor_config.json").read_text())
-    config["image_processor"]["do_convert_rgb"] = False
-    (partial / "processor_config.json").write_text(json.dumps(config))
-    shutil.copy(tiny_onnx / "pair_attention.onnx", partial)
+    config = json.loads((partial / "preprocessor_config.json").read_text())  # read first, as transformers.js reads it
+    config["do_convert_rgb"] = False
+    (partial / "preprocessor_config.json").write_text(json.dumps(config))
+    shutil.copy(tiny_onnx / "onnx" / "pair_attention.onnx", partial / "onnx")
     with pytest.raises(ValueError, match="do_convert_rgb=False"):
         FlairOnnxModel.from_pretrained(partial)
 

@@ -25,8 +25,12 @@ from .scoring import l2_normalize, length_sorted_groups, logits, pair_blocks, pa
 
 MANIFEST = "flair_onnx.json"
 FORMAT = "flair-onnx"
-FORMAT_VERSION = 1
-GRAPHS = {"text": "text_encoder.onnx", "image": "image_encoder.onnx", "pair": "pair_scorer.onnx", "attention": "pair_attention.onnx"}
+FORMAT_VERSION = 2
+# laid out as transformers.js loads CLIP's towers (`CLIPTextModelWithProjection` / `CLIPVisionModelWithProjection` read
+# onnx/text_model.onnx and onnx/vision_model.onnx, `_quantized` for int8); the pooling head's two graphs beside them
+GRAPHS = {"text": "onnx/text_model.onnx", "image": "onnx/vision_model.onnx", "pair": "onnx/pair_scorer.onnx",
+          "attention": "onnx/pair_attention.onnx"}  # fmt: skip
+PRECISIONS = ("fp32", "int8")
 TEXT_LENGTH_GROUPS = 8  # the text graph takes padded batches: texts sorted by length into at least this many calls
 
 
@@ -74,18 +78,22 @@ class FlairOnnxModel:
         self.logit_scale, self.logit_bias = float(manifest["logit_scale"]), float(manifest["logit_bias"])
 
     @classmethod
-    def from_pretrained(cls, path, providers: list[str] | None = None, session_options=None) -> "FlairOnnxModel":
+    def from_pretrained(
+        cls, path, providers: list[str] | None = None, session_options=None, precision: str | None = None
+    ) -> "FlairOnnxModel":
         """Load an export from a local directory (or a Hub repository id, through the local Hub cache when offline).
-        `providers` and `session_options` go to every `onnxruntime.InferenceSession` (default: CPU)."""
+        `precision`: `"int8"` (the default where the export has int8 graphs) or `"fp32"`. `providers` and
+        `session_options` go to every `onnxruntime.InferenceSession` (default: CPU)."""
         directory = _local_directory(path)
         manifest = json.loads((directory / MANIFEST).read_text())
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{directory / MANIFEST}: not a {FORMAT} v{FORMAT_VERSION} manifest; re-export with this flair-hf")
-        missing = [name for name in GRAPHS if not (directory / manifest["graphs"].get(name, GRAPHS[name])).is_file()]
+        graphs = _graphs(manifest, precision)
+        missing = [name for name in GRAPHS if not (directory / graphs.get(name, GRAPHS[name])).is_file()]
         if missing:
             raise FileNotFoundError(f"{directory}: the export lacks the {', '.join(missing)} graph(s) (an older or partial "
                                     "export); re-export with: python conversion/export_onnx.py MODEL_DIR OUT_DIR")  # fmt: skip
-        sessions = _Sessions(directory, manifest["graphs"], providers or ["CPUExecutionProvider"], session_options)
+        sessions = _Sessions(directory, graphs, providers or ["CPUExecutionProvider"], session_options)
         return cls(manifest, sessions, _text_tokenizer(directory, manifest), _image_settings(directory))
 
     def token_ids(self, texts) -> list[list[int]]:
@@ -219,6 +227,21 @@ def _local_directory(path) -> Path:
     if not is_onnx_export(directory):
         raise FileNotFoundError(f"Hub repository {path} has no {MANIFEST}: it is not an ONNX export of flair-hf")
     return directory
+
+
+def quantized_name(file: str) -> str:
+    """Where an int8 graph goes: transformers.js' `_quantized` beside its fp32 graph."""
+    return file.removesuffix(".onnx") + "_quantized.onnx"
+
+
+def _graphs(manifest: dict, precision: str | None) -> dict:
+    """The graph files of `precision` (default: int8 where the export has it, else fp32)."""
+    if precision not in (None, *PRECISIONS):
+        raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    quantized = manifest.get("quantized_graphs")
+    if precision == "int8" and not quantized:
+        raise ValueError("this export has no int8 graphs: export it with --quantize int8, or pass precision='fp32'")
+    return manifest["graphs"] if precision == "fp32" or not quantized else quantized
 
 
 def _text_tokenizer(directory: Path, manifest: dict):
